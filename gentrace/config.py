@@ -1,0 +1,385 @@
+"""Run configuration: the TOML file of SPEC section 2 as one tree of frozen dataclasses.
+
+`load(path, overrides)` is the only way in: the file and every `--set key=value` override are
+merged into one raw dict, then validated once, field by field, against the dataclass tree. Every
+error names the key path (`train.lr`) and says how to fix it; nothing is written before this
+succeeds. `to_dict(cfg)` gives the JSON-ready form stored in the run store's root attrs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from gentrace.errors import ConfigError
+
+DataName = Literal[
+    "sinusoid", "ball-sinusoid", "cos2d", "product", "sparse-noise",
+    "digits", "mnist", "fashion-mnist", "cifar10",
+]
+Task = Literal[
+    "multiclass", "0to4-vs-5to9", "animals-vs-objects", "first5-vs-last5", "dog-vs-airplane"
+]
+Arch = Literal["mlp", "cnn", "resnet18", "vgg11", "alexnet"]
+
+
+def _check(
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    exclusive_min: bool = False,
+) -> dict[str, Any]:
+    """Field metadata: the allowed range of a number (checked by `_validate_range`)."""
+    return {"min": minimum, "max": maximum, "exclusive_min": exclusive_min}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """`[data]`: which data set, how many samples per replicate, label noise."""
+
+    name: DataName = "digits"
+    task: Task = "multiclass"
+    root: str = "~/data"
+    download: bool = False
+    n_train: int = field(default=1000, metadata=_check(1))
+    n_test: int = field(default=2000, metadata=_check(1))
+    dim: int = field(default=100, metadata=_check(2))
+    freq: float = field(default=0.5, metadata=_check(0.0, exclusive_min=True))
+    label_noise: float = field(default=0.0, metadata=_check(0.0, 1.0))
+    seed: int = field(default=0, metadata=_check(0))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`[model]`: architecture and initialization."""
+
+    arch: Arch = "mlp"
+    hidden: tuple[int, ...] = (512, 512)
+    channels: int = field(default=16, metadata=_check(1))
+    dropout: float = field(default=0.0, metadata=_check(0.0, 1.0))
+    init: Literal["xavier_uniform", "default"] = "xavier_uniform"
+    freeze: tuple[str, ...] = ()
+    seed: int = field(default=0, metadata=_check(0))
+
+
+@dataclass(frozen=True)
+class LrDecay:
+    """`train.lr_decay`: multiply the lr by `factor` every `every_epochs` epochs (0 = never)."""
+
+    every_epochs: int = field(default=0, metadata=_check(0))
+    factor: float = field(default=0.1, metadata=_check(0.0, exclusive_min=True))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`[train]`: optimizer, schedule, loss, number of replicates."""
+
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = field(default=0.01, metadata=_check(0.0, exclusive_min=True))
+    momentum: float = field(default=0.0, metadata=_check(0.0, 1.0))
+    weight_decay: float = field(default=0.0, metadata=_check(0.0))
+    batch_size: int = field(default=128, metadata=_check(0))
+    epochs: int = field(default=50, metadata=_check(1))
+    lr_decay: LrDecay = LrDecay()
+    loss: Literal["auto", "cross_entropy", "bce", "mse"] = "auto"
+    replicates: int = field(default=1, metadata=_check(1))
+
+
+@dataclass(frozen=True)
+class ParamsRecord:
+    """`record.params`: every tensor (or the named ones) every N epochs; step 0 = initialization."""
+
+    every_epochs: int = field(default=1, metadata=_check(0))
+    names: Literal["all"] | tuple[str, ...] = "all"
+
+
+@dataclass(frozen=True)
+class ParamsFineRecord:
+    """`record.params_fine`: a few tensors every N optimizer steps (0 = off)."""
+
+    every_steps: int = field(default=1, metadata=_check(0))
+    names: tuple[str, ...] = ("first_layer.bias",)
+
+
+@dataclass(frozen=True)
+class PredictionsRecord:
+    """`record.predictions`: predicted class (or output) of every sample per split every N epochs."""
+
+    every_epochs: int = field(default=1, metadata=_check(0))
+    splits: tuple[Literal["train", "test"], ...] = ("train", "test")
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """`[record]`: what is streamed into the store, and how often."""
+
+    eval_every_steps: int = field(default=0, metadata=_check(0))
+    params: ParamsRecord = ParamsRecord()
+    params_fine: ParamsFineRecord = ParamsFineRecord()
+    predictions: PredictionsRecord = PredictionsRecord()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run: the whole TOML file. `name` is the config file's stem (the quick start's is `quickstart`)."""
+
+    name: str = "run"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    record: RecordConfig = RecordConfig()
+
+
+QUICKSTART_TOML = """\
+# gentrace quick start: the config `gentrace record` runs when given none.
+# A 2-layer MLP on scikit-learn's bundled 8x8 digits, two replicates trained from one
+# initialization on disjoint halves of 1000 training digits, every stream recorded.
+# Runs in well under a minute on a 2-core laptop CPU.
+name = "quickstart"
+
+[data]
+name = "digits"
+n_train = 500
+n_test = 797
+seed = 0
+
+[model]
+arch = "mlp"
+hidden = [128, 128]
+seed = 0
+
+[train]
+optimizer = "sgd"
+lr = 0.05
+momentum = 0.9
+batch_size = 32
+epochs = 20
+lr_decay = { every_epochs = 15, factor = 0.1 }
+replicates = 2
+
+[record]
+eval_every_steps = 0
+params = { every_epochs = 1, names = "all" }
+params_fine = { every_steps = 1, names = ["first_layer.bias"] }
+predictions = { every_epochs = 1, splits = ["train", "test"] }
+"""
+
+
+def load(path: Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a TOML config (or the built-in quick start when `path` is None) and apply `--set` overrides."""
+    if path is None:
+        raw = tomllib.loads(QUICKSTART_TOML)
+    else:
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        raw.setdefault("name", Path(path).stem)
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(raw)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split `a.b=value` into (["a", "b"], value); the value is read as TOML, else kept as a string."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set train.lr=0.1")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key.split("."), value
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set one `--set KEY=VALUE` into the raw config dict (creating tables on the way)."""
+    parts, value = parse_override(item)
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"--set {item!r}: {where} is a value, not a table")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a raw (TOML-shaped) dict against the dataclass tree; errors name the key path."""
+    cfg = _build(RunConfig, raw, "")
+    _validate_cross_fields(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain JSON/TOML-ready data (tuples become lists)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """Write the resolved config as TOML (for `sample_configs/` and for humans)."""
+    lines = [f"name = {_toml_value(cfg.name)}"]
+    for section, table in to_dict(cfg).items():
+        if not isinstance(table, dict):
+            continue
+        lines.append(f"\n[{section}]")
+        for key, value in table.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return repr(value)
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix or "the config"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a table, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = _key(prefix, unknown[0])
+        raise ConfigError(f"unknown config key {key}; known keys here: {', '.join(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        key = _key(prefix, name)
+        kwargs[name] = _coerce(hints[name], value, key)
+        _validate_range(fields[name], kwargs[name], key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert it (lists -> tuples, int -> float)."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(typing.cast(type, tp), value, key)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices or isinstance(value, bool):
+            options = " | ".join(str(c) for c in choices)
+            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {options}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for option in get_args(tp):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(" or ".join(dict.fromkeys(errors)))
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {_describe(value)}")
+        (item_tp, _ellipsis) = get_args(tp)
+        return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {_describe(value)}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not input
+
+
+def _validate_range(f: dataclasses.Field[Any], value: Any, key: str) -> None:
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if lo is None and hi is None:
+        return
+    if value != value:  # NaN
+        raise ConfigError(f"{key} = nan is not a number")
+    if lo is not None and (value < lo or (f.metadata.get("exclusive_min") and value == lo)):
+        bound = f"> {lo}" if f.metadata.get("exclusive_min") else f">= {lo}"
+        raise ConfigError(f"{key} = {value} is impossible; it must be {bound}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key} = {value} is impossible; it must be <= {hi}")
+
+
+_BINARY_TASKS = {
+    "0to4-vs-5to9": {"digits", "mnist", "fashion-mnist"},
+    "animals-vs-objects": {"cifar10"},
+    "first5-vs-last5": {"digits", "mnist", "fashion-mnist", "cifar10"},
+    "dog-vs-airplane": {"cifar10"},
+}
+REGRESSION_SETS = {"cos2d", "product"}
+
+
+def is_regression(data: DataConfig) -> bool:
+    """Whether the data set's target is a real number (mse loss, float predictions)."""
+    return data.name in REGRESSION_SETS
+
+
+def _validate_cross_fields(cfg: RunConfig) -> None:
+    """Checks that involve several keys (the data set size is checked when the data is built)."""
+    data, train = cfg.data, cfg.train
+    if data.task != "multiclass" and data.name not in _BINARY_TASKS[data.task]:
+        allowed = ", ".join(sorted(_BINARY_TASKS[data.task]))
+        raise ConfigError(f"data.task = {data.task!r} does not apply to data.name = {data.name!r}; it applies to: {allowed}")
+    if is_regression(data):
+        if train.loss in ("cross_entropy", "bce"):
+            raise ConfigError(f"train.loss = {train.loss!r} needs classes, but {data.name} is a regression set; use mse or auto")
+        if data.label_noise > 0:
+            raise ConfigError(f"data.label_noise applies to class labels only; {data.name} is a regression set")
+    elif train.loss == "mse":
+        raise ConfigError(f"train.loss = 'mse' needs a regression set; {data.name} has classes: use cross_entropy, bce or auto")
+    if train.loss == "bce" and data.task == "multiclass" and data.name not in ("sinusoid", "ball-sinusoid", "sparse-noise"):
+        raise ConfigError("train.loss = 'bce' needs two classes: set data.task to a binary relabeling")
+    if cfg.model.arch != "mlp" and data.name not in ("digits", "mnist", "fashion-mnist", "cifar10"):
+        raise ConfigError(f"model.arch = {cfg.model.arch!r} needs image data; {data.name} is a vector set: use mlp")
+    if not cfg.model.hidden and cfg.model.arch == "mlp":
+        raise ConfigError("model.hidden is empty; give at least one width, for example [128]")
+    if any(width < 1 for width in cfg.model.hidden):
+        raise ConfigError(f"model.hidden = {list(cfg.model.hidden)} is impossible; every width must be >= 1")
+    if not cfg.name.strip() or "/" in cfg.name:
+        raise ConfigError(f"name = {cfg.name!r} must be a non-empty word without '/' (it names the default store)")
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "table"}
+    return f"{kind.get(type(value), type(value).__name__)} {value!r}"

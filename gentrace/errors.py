@@ -1,0 +1,53 @@
+"""Exception hierarchy: the CLI turns every GentraceError into one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+
+class GentraceError(Exception):
+    """Base of every error gentrace reports to a user; exit_code is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class ConfigError(GentraceError):
+    """A config file, a `--set` override or a CLI argument is wrong; names the key path."""
+
+    exit_code = 2
+
+
+class DataError(GentraceError):
+    """A data set cannot be read (missing files, impossible sizes); says where to put the files."""
+
+    exit_code = 2
+
+
+class StoreError(GentraceError):
+    """A store path is unusable: exists, foreign, locked, or damaged."""
+
+    exit_code = 2
+
+
+class MissingStreamError(StoreError):
+    """The store does not hold a stream an analysis needs; names the config key that records it."""
+
+
+class SchemaVersionError(StoreError):
+    """The store was written by a newer gentrace schema than this one reads."""
+
+
+class AnalysisInputError(GentraceError):
+    """An analysis was asked for something the store cannot answer."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(GentraceError):
+    """The loss became NaN or infinite; the store is kept with status `diverged`."""
+
+    exit_code = 1
+
+
+class WriterError(GentraceError):
+    """The background store writer failed (full disk, permissions); nothing committed is lost."""
+
+    exit_code = 1
