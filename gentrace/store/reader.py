@@ -1,0 +1,157 @@
+"""Read-only access to a run store; every array is sliced to its stream's committed row count.
+
+A reader never trusts `shape[0]`: a preallocated or killed store has rows past `committed` that
+hold fill values (NaN, -1) or a torn row. Arrays are re-opened on every access, so a reader of a
+live run sees it grow.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.storage import LocalStore
+
+from gentrace.errors import MissingStreamError, SchemaVersionError, StoreError
+from gentrace.store import schema
+from gentrace.store.lock import is_locked
+
+
+def check_gentrace_store(path: Path) -> dict[str, Any]:
+    """Return the root attrs of a gentrace store, or raise StoreError saying what the path is instead."""
+    path = Path(path)
+    meta_file = path / "zarr.json"
+    if not path.exists():
+        raise StoreError(f"{path} does not exist")
+    if not path.is_dir() or not meta_file.exists():
+        raise StoreError(f"{path} is not a gentrace store (no zarr.json); give the directory `gentrace record` wrote")
+    try:
+        attrs = json.loads(meta_file.read_text()).get("attributes", {})
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{meta_file} cannot be read ({exc}); the store is damaged") from None
+    if attrs.get("format") != schema.FORMAT_NAME:
+        raise StoreError(f"{path} is a Zarr store but not a gentrace store (no format attribute 'gentrace')")
+    version = attrs.get("schema_version")
+    if not isinstance(version, int) or version > schema.SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{path} has store schema version {version}, newer than this gentrace reads "
+            f"({schema.SCHEMA_VERSION}); upgrade gentrace (pip install -U gentrace)"
+        )
+    return dict(attrs)
+
+
+class StoreReader:
+    """Read-only view of one store.
+
+    Attributes:
+        path: the store directory.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        check_gentrace_store(self.path)
+        self._root = zarr.open_group(LocalStore(self.path, read_only=True), mode="r", zarr_format=3)
+
+    # -- attributes ---------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Root attrs, re-read from disk (they change while a run is live)."""
+        return check_gentrace_store(self.path)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved run config, as plain data."""
+        return dict(self.attrs["config"])
+
+    @property
+    def status(self) -> str:
+        """running | complete | interrupted | diverged | failed; `killed` for a running store without a writer."""
+        status = str(self.attrs.get("status", "unknown"))
+        if status in ("running", "initializing") and not is_locked(self.path):
+            return "killed"
+        return status
+
+    def committed(self, stream: str) -> int:
+        """Rows of `stream` safely written (0 for a stream the run does not record)."""
+        return int(self.attrs.get("committed", {}).get(stream, 0))
+
+    def streams(self) -> dict[str, list[str]]:
+        """Stream name -> paths of its arrays."""
+        return {k: list(v) for k, v in self.attrs.get("streams", {}).items()}
+
+    def has(self, stream: str) -> bool:
+        """Whether the run records this stream at all."""
+        return stream in self.streams()
+
+    def require(self, stream: str, what: str, key: str) -> None:
+        """Raise MissingStreamError ("this run has no <what>; record them with <key>") if absent or empty."""
+        if not self.has(stream) or self.committed(stream) == 0:
+            raise MissingStreamError(f"{self.path}: this run has no {what}; record them with {key}")
+
+    def tensor_names(self, stream: str) -> list[str]:
+        """Tensor names of a snapshot stream (`params`, `params_fine`), in recording order."""
+        prefix = f"{stream}/"
+        skip = {f"{stream}/step", f"{stream}/epoch"}
+        return [p[len(prefix) :] for p in self.streams().get(stream, []) if p not in skip]
+
+    # -- arrays -------------------------------------------------------------------------------
+    def array(self, path: str) -> np.ndarray:
+        """The committed rows of a stream array (or the whole of a static `data/` array)."""
+        array = self.lazy(path)
+        return np.asarray(array[: self._rows_of(path, array)])
+
+    def lazy(self, path: str) -> zarr.Array:
+        """The zarr array itself (re-opened), for chunked reads; slice it to `rows(path)` yourself."""
+        try:
+            node = zarr.open_array(self._root.store, path=path, mode="r", zarr_format=3)
+        except (KeyError, FileNotFoundError, zarr.errors.ArrayNotFoundError) as exc:
+            raise MissingStreamError(f"{self.path} has no array {path}") from exc
+        return node
+
+    def rows(self, path: str) -> int:
+        """Committed rows of the array at `path`."""
+        return self._rows_of(path, self.lazy(path))
+
+    def iter_rows(self, path: str, block: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (start, rows) blocks of a stream array, reading lazily so memory stays bounded."""
+        array = self.lazy(path)
+        rows = self._rows_of(path, array)
+        for start in range(0, rows, block):
+            yield start, np.asarray(array[start : min(rows, start + block)])
+
+    def _rows_of(self, path: str, array: zarr.Array) -> int:
+        stream = path.split("/", 1)[0]
+        if stream == "data" or stream not in self.streams():
+            return int(array.shape[0])
+        return min(self.committed(stream), int(array.shape[0]))
+
+    def checkpoint(self, step: int) -> bytes:
+        """The serialized training state saved with the parameter snapshot at `step`."""
+        path = f"{schema.CHECKPOINT_GROUP}/{schema.checkpoint_name(step)}"
+        try:
+            node = zarr.open_array(self._root.store, path=path, mode="r", zarr_format=3)
+        except (KeyError, FileNotFoundError, zarr.errors.ArrayNotFoundError):
+            raise StoreError(f"{self.path} has no checkpoint for step {step}; it cannot be resumed from there") from None
+        return np.asarray(node[...]).tobytes()
+
+    def array_paths(self) -> list[str]:
+        """Every array in the store (static and streamed)."""
+        paths = [f"data/{name}" for name, _ in self._root["data"].arrays()] if "data" in self._root else []
+        for stream_paths in self.streams().values():
+            paths.extend(stream_paths)
+        return paths
+
+    def disk_bytes(self, path: str) -> int:
+        """Bytes on disk of one array (all its chunk files and metadata)."""
+        directory = self.path / path
+        return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+    def logical_bytes(self, path: str) -> int:
+        """Uncompressed bytes of the committed rows of one array."""
+        array = self.lazy(path)
+        rows = self._rows_of(path, array)
+        return rows * int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize

@@ -1,0 +1,195 @@
+"""The store schema: the single source of truth for array names, shapes, dtypes, chunks and codecs.
+
+Probes never name a dtype, chunk or codec themselves: they call the builders here with their
+dimensions and hand the resulting `StreamSpec` to the writer. Layout (SPEC section 3):
+
+    data/train_index [M, n] ... static arrays written once at creation
+    metrics/step [R], metrics/train_loss [R, M], ...          stream "metrics"
+    metrics_fine/step [F], metrics_fine/batch_loss [F, M] ...  stream "metrics_fine"
+    params/<tensor> [S, M, *shape], params/step [S]            stream "params"
+    params_fine/<tensor> [S2, M, *shape], params_fine/step     stream "params_fine"
+    preds/<split> [Q, M, n_split], preds/step [Q]              stream "preds"
+
+Every array of a stream shares the stream's row counter, kept in the root attrs `committed`
+and updated by the writer only after all of a row's chunks are on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from zarr.codecs import BloscCodec, ZstdCodec
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "gentrace"
+
+# One chunk should hold about this many bytes at most (SPEC section 3: split above ~4 MiB).
+CHUNK_TARGET_BYTES = 4 * 2**20
+# Small per-step arrays (metrics) are chunked this many rows at a time and written in batches.
+SMALL_ROWS_PER_CHUNK = 8192
+# Where the final row count is unknown the writer grows an array by this many rows at a time.
+GROW_ROWS = 64
+
+# Codec names (configurable per stream in a later schema; the defaults follow SPEC section 3).
+CODECS: dict[str, Any] = {
+    # float32 compresses only ~1.1x: fast lz4 with byte shuffle, never zarr's default zstd-3.
+    "float": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
+    # int32 counts compress ~3x with bitshuffle.
+    "count": lambda: [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")],
+    "half": lambda: [ZstdCodec(level=1)],
+    "bits": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")],
+    "index": lambda: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")],
+}
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the store.
+
+    Attributes:
+        path: array path inside the store, e.g. "params/0.weight".
+        row_shape: shape of one row (everything after the leading axis).
+        dtype: numpy dtype name.
+        codec: key into CODECS.
+        rows_per_chunk: chunk length along the leading axis.
+        attrs: extra attributes stored on the array (units, module name, ...).
+    """
+
+    path: str
+    row_shape: tuple[int, ...]
+    dtype: str
+    codec: str
+    rows_per_chunk: int = 1
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def fill_value(self) -> float | int:
+        """NaN for floats and -1 for integers, so a stray read of an unwritten row is visibly wrong."""
+        if np.dtype(self.dtype).kind == "f":
+            return float("nan")
+        if np.dtype(self.dtype).kind == "b":
+            return False
+        return 255 if np.dtype(self.dtype) == np.uint8 else -1
+
+    def chunks(self) -> tuple[int, ...]:
+        """Chunk shape: `rows_per_chunk` rows of the whole row, split along its first dims above ~4 MiB."""
+        shape = [self.rows_per_chunk, *self.row_shape]
+        itemsize = np.dtype(self.dtype).itemsize
+        axis = 1
+        while math.prod(shape) * itemsize > CHUNK_TARGET_BYTES and axis < len(shape):
+            if shape[axis] > 1:
+                shape[axis] = math.ceil(shape[axis] / 2)
+            else:
+                axis += 1
+        return tuple(max(1, s) for s in shape)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A group of arrays sharing one committed row counter; `rows` is the preallocated length."""
+
+    name: str
+    rows: int
+    arrays: tuple[ArraySpec, ...]
+
+    @property
+    def step_path(self) -> str:
+        """Every stream has a `<stream>/step` array: the optimizer step of each row."""
+        return f"{self.name}/step"
+
+
+def _step(stream: str, rows_per_chunk: int = 1) -> ArraySpec:
+    return ArraySpec(f"{stream}/step", (), "int64", "index", rows_per_chunk)
+
+
+def data_arrays(
+    train_index: np.ndarray,
+    test_index: np.ndarray,
+    labels_train: np.ndarray,
+    labels_test: np.ndarray,
+    noise_mask: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """The static `data/` group: which samples each replicate trained on, and their labels.
+
+    Shapes: train_index, labels_train, noise_mask [M, n]; test_index, labels_test [n_test].
+    """
+    label_dtype = np.float32 if labels_train.dtype.kind == "f" else np.int16
+    return {
+        "data/train_index": np.asarray(train_index, dtype=np.int64),
+        "data/test_index": np.asarray(test_index, dtype=np.int64),
+        "data/labels_train": np.asarray(labels_train, dtype=label_dtype),
+        "data/labels_test": np.asarray(labels_test, dtype=label_dtype),
+        "data/noise_mask": np.asarray(noise_mask, dtype=bool),
+    }
+
+
+def metrics_stream(rows: int, replicates: int) -> StreamSpec:
+    """`metrics/`: step, epoch [R]; train/test loss and accuracy [R, M]; lr [R]."""
+    r = _small_chunk(rows)
+    per_rep = tuple(
+        ArraySpec(f"metrics/{name}", (replicates,), "float32", "float", r)
+        for name in ("train_loss", "train_acc", "test_loss", "test_acc")
+    )
+    return StreamSpec(
+        "metrics",
+        rows,
+        (
+            _step("metrics", r),
+            ArraySpec("metrics/epoch", (), "int32", "index", r),
+            ArraySpec("metrics/lr", (), "float64", "float", r),
+            *per_rep,
+        ),
+    )
+
+
+def metrics_fine_stream(rows: int, replicates: int) -> StreamSpec:
+    """`metrics_fine/`: every optimizer step: step, lr [F]; batch_loss, batch_error [F, M]."""
+    r = _small_chunk(rows)
+    return StreamSpec(
+        "metrics_fine",
+        rows,
+        (
+            _step("metrics_fine", r),
+            ArraySpec("metrics_fine/lr", (), "float64", "float", r),
+            ArraySpec("metrics_fine/batch_loss", (replicates,), "float32", "float", r),
+            ArraySpec("metrics_fine/batch_error", (replicates,), "float32", "float", r),
+        ),
+    )
+
+
+def tensor_stream(name: str, rows: int, replicates: int, shapes: Mapping[str, Sequence[int]]) -> StreamSpec:
+    """`params/<tensor>` or `params_fine/<tensor>`: [S, M, *shape] float32 snapshots, plus step and epoch."""
+    arrays = [_step(name), ArraySpec(f"{name}/epoch", (), "int32", "index")]
+    for tensor, shape in shapes.items():
+        arrays.append(ArraySpec(f"{name}/{tensor}", (replicates, *shape), "float32", "float"))
+    return StreamSpec(name, rows, tuple(arrays))
+
+
+def preds_stream(rows: int, replicates: int, split_sizes: Mapping[str, int], regression: bool) -> StreamSpec:
+    """`preds/<split>`: [Q, M, n_split] int16 predicted class (float32 output for regression)."""
+    dtype = "float32" if regression else "int16"
+    codec = "float" if regression else "count"
+    arrays = [_step("preds"), ArraySpec("preds/epoch", (), "int32", "index")]
+    arrays += [ArraySpec(f"preds/{split}", (replicates, n), dtype, codec) for split, n in split_sizes.items()]
+    return StreamSpec("preds", rows, tuple(arrays))
+
+
+CHECKPOINT_GROUP = "checkpoints"
+
+
+def checkpoint_name(step: int) -> str:
+    """Array name of the training-state checkpoint taken with the parameter snapshot at `step`."""
+    return f"step-{step:010d}"
+
+
+def checkpoint_array(step: int, nbytes: int) -> ArraySpec:
+    """`checkpoints/step-<step>` [nbytes] uint8: serialized model, optimizer and RNG state (one chunk)."""
+    return ArraySpec(f"{CHECKPOINT_GROUP}/{checkpoint_name(step)}", (), "uint8", "bits", max(1, nbytes))
+
+
+def _small_chunk(rows: int) -> int:
+    return max(1, min(SMALL_ROWS_PER_CHUNK, rows))

@@ -1,0 +1,316 @@
+"""Background store writer and the commit protocol of SPEC section 3.
+
+The training thread hands `RowBlock`s of host NumPy arrays to `StoreWriter.put`, which blocks
+when the bounded queue is full (back-pressure, nothing dropped). One background thread owns
+every zarr handle; for each block it writes all chunks, then the block's checkpoint file (if
+any), and only then raises the stream's `committed` counter in the root attrs. zarr's local
+store replaces files atomically, so after a SIGKILL every committed row is whole, and readers
+(which slice to `committed`) never see a torn row. A writer exception is re-raised in the
+training thread at the next `put` or at `close`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import queue
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.storage import LocalStore
+
+from gentrace.errors import StoreError, WriterError
+from gentrace.store import schema
+from gentrace.store.lock import StoreLock
+from gentrace.store.reader import check_gentrace_store
+
+CHECKPOINT_DIR = schema.CHECKPOINT_GROUP
+
+
+@dataclass
+class RowBlock:
+    """Rows `start .. start+k` of one stream: arrays maps path -> [k, *row_shape] host array.
+
+    `checkpoint` (serialized training state taken at this block's step) is written before the
+    commit, so a committed parameter snapshot always has its checkpoint on disk.
+    """
+
+    stream: str
+    start: int
+    arrays: dict[str, np.ndarray]
+    checkpoint: bytes | None = None
+    checkpoint_step: int = -1
+
+    @property
+    def rows(self) -> int:
+        """How many rows the block holds (all arrays agree)."""
+        return len(next(iter(self.arrays.values())))
+
+
+@dataclass
+class _Finish:
+    status: str
+    resize: bool
+
+
+@dataclass
+class WriterStats:
+    """Writer bookkeeping reported by `gentrace info`."""
+
+    busy_s: float = 0.0
+    blocks: int = 0
+    bytes: int = 0
+    committed: dict[str, int] = field(default_factory=dict)
+
+
+def now() -> str:
+    """UTC timestamp in ISO format, for the `created`/`finished` attrs."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def create_store(
+    path: Path,
+    attrs: Mapping[str, Any],
+    streams: Iterable[schema.StreamSpec],
+    static: Mapping[str, np.ndarray],
+    *,
+    overwrite: bool = False,
+) -> StoreWriter:
+    """Create a new store at `path` (refusing an existing path unless `overwrite`), locked for writing."""
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise StoreError(f"{path} already exists; pass --overwrite to replace it or --resume to continue it")
+        if any(path.iterdir()):
+            check_gentrace_store(path)  # never delete a directory that is not one of ours
+        lock = StoreLock(path)
+        lock.acquire()
+        lock.release()
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    lock = StoreLock(path)
+    lock.acquire()
+    try:
+        root = zarr.open_group(LocalStore(path), mode="a", zarr_format=3)
+        root.attrs.update({
+            "writer_process": _process_name(),
+            "format": schema.FORMAT_NAME,
+            "schema_version": schema.SCHEMA_VERSION,
+            **attrs,
+            "status": "initializing",
+            "created": now(),
+            "committed": {},
+        })
+        for name, values in static.items():
+            spec = schema.ArraySpec(name, values.shape[1:], values.dtype.name, "index", max(1, len(values)))
+            _create_array(root, spec, len(values))[...] = values
+        writer = StoreWriter(root, lock, path)
+        writer.declare(streams)
+        root.attrs.update({"status": "running"})
+    except BaseException:
+        lock.release()
+        raise
+    return writer
+
+
+def open_for_resume(path: Path) -> StoreWriter:
+    """Open an existing store to continue it: lock it and delete partial files a kill left behind."""
+    path = Path(path)
+    check_gentrace_store(path)
+    lock = StoreLock(path)
+    lock.acquire()
+    for leftover in path.rglob("*.partial"):
+        leftover.unlink(missing_ok=True)
+    root = zarr.open_group(LocalStore(path), mode="r+", zarr_format=3)
+    writer = StoreWriter(root, lock, path)
+    root.attrs.update({"status": "running", "writer_process": _process_name()})
+    return writer
+
+
+def _process_name() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def _create_array(root: zarr.Group, spec: schema.ArraySpec, rows: int) -> zarr.Array:
+    array = root.create_array(
+        spec.path,
+        shape=(rows, *spec.row_shape),
+        chunks=spec.chunks(),
+        dtype=spec.dtype,
+        compressors=schema.CODECS[spec.codec](),
+        fill_value=spec.fill_value,
+        overwrite=True,
+    )
+    array.attrs.update(dict(spec.attrs))
+    return array
+
+
+class StoreWriter:
+    """Owns a store's zarr handles; writes `RowBlock`s on a background thread with a bounded queue."""
+
+    def __init__(self, root: zarr.Group, lock: StoreLock, path: Path, queue_size: int = 2) -> None:
+        self.root = root
+        self.path = path
+        self._lock = lock
+        self._arrays: dict[str, zarr.Array] = {}
+        self._streams: dict[str, list[str]] = dict(root.attrs.get("streams", {}))
+        self.stats = WriterStats(committed=dict(root.attrs.get("committed", {})))
+        previous = root.attrs.get("writer", {})
+        self.stats.busy_s = float(previous.get("busy_s", 0.0))
+        self.stats.bytes = int(previous.get("bytes", 0))
+        self._queue: queue.Queue[RowBlock | _Finish | None] = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- set-up, on the calling thread before `start` -------------------------------------------
+    def declare(self, streams: Iterable[schema.StreamSpec]) -> None:
+        """Create (or grow to their preallocated length) the arrays of each stream."""
+        for stream in streams:
+            self._streams[stream.name] = [spec.path for spec in stream.arrays]
+            self.stats.committed.setdefault(stream.name, 0)
+            for spec in stream.arrays:
+                if spec.path in self.root:
+                    array = self._array(spec.path)
+                    if array.shape[0] < stream.rows:
+                        array.resize((stream.rows, *array.shape[1:]))
+                else:
+                    self._arrays[spec.path] = _create_array(self.root, spec, stream.rows)
+        self.root.attrs.update({"streams": self._streams, "committed": self.stats.committed})
+
+    def truncate(self, stream: str, rows: int) -> None:
+        """Forget rows >= `rows` of a stream (resume keeps only rows up to the checkpoint)."""
+        self.stats.committed[stream] = min(rows, self.stats.committed.get(stream, 0))
+        for path in self._streams.get(stream, []):
+            array = self._array(path)
+            array.resize((self.stats.committed[stream], *array.shape[1:]))
+        self.root.attrs.update({"committed": self.stats.committed})
+
+    def start(self) -> None:
+        """Start the background thread; from now on only it touches zarr."""
+        self._thread = threading.Thread(target=self._run, name="gentrace-writer", daemon=True)
+        self._thread.start()
+
+    # -- training thread API --------------------------------------------------------------------
+    def put(self, block: RowBlock) -> None:
+        """Queue a block; blocks while the queue is full; re-raises a writer failure."""
+        self._enqueue(block)
+
+    def close(self, status: str) -> None:
+        """Write everything queued, set `status` (resizing arrays to committed on `complete`), release."""
+        try:
+            if self._thread is not None and self._thread.is_alive():
+                self._enqueue(_Finish(status, resize=status == "complete"))
+                self._enqueue(None)
+                self._thread.join()
+            elif self._error is None:
+                self._finish(_Finish(status, resize=status == "complete"))
+            self._raise_if_failed()
+        finally:
+            self._lock.release()
+
+    def close_after_failure(self, status: str) -> None:
+        """Best-effort close when training already failed: keep what is committed, never mask the error."""
+        try:
+            self.close(status)
+        except WriterError:
+            self._lock.release()
+
+    def _enqueue(self, item: RowBlock | _Finish | None) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            error = self._error
+            detail = f"{error.strerror}: {error.filename}" if isinstance(error, OSError) else repr(error)
+            raise WriterError(f"writing the store {self.path} failed ({detail}); rows committed before are kept")
+
+    # -- background thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain: the training thread sees the error at its next put
+            try:
+                if isinstance(item, _Finish):
+                    self._finish(item)
+                else:
+                    self._write(item)
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                self._error = exc
+
+    def _write(self, block: RowBlock) -> None:
+        t0 = time.perf_counter()
+        stop = block.start + block.rows
+        for path, values in block.arrays.items():
+            array = self._array(path)
+            if array.shape[0] < stop:
+                grown = max(stop, array.shape[0] + schema.GROW_ROWS)
+                array.resize((grown, *array.shape[1:]))
+            array[block.start : stop] = values
+            self.stats.bytes += values.nbytes
+        if block.checkpoint is not None:
+            self._write_checkpoint(block.checkpoint, block.checkpoint_step)
+        self.stats.committed[block.stream] = max(stop, self.stats.committed.get(block.stream, 0))
+        self.stats.blocks += 1
+        self.stats.busy_s += time.perf_counter() - t0
+        self._commit()
+        if block.checkpoint is not None:
+            self.prune_checkpoints(keep_step=block.checkpoint_step)
+
+    def _commit(self) -> None:
+        # The root zarr.json is replaced atomically: either the old or the new counters are visible.
+        self.root.attrs.update({
+            "committed": self.stats.committed,
+            "writer": {"busy_s": round(self.stats.busy_s, 4), "blocks": self.stats.blocks, "bytes": self.stats.bytes},
+        })
+
+    def _finish(self, item: _Finish) -> None:
+        if item.resize:
+            for stream, paths in self._streams.items():
+                rows = self.stats.committed.get(stream, 0)
+                for path in paths:
+                    array = self._array(path)
+                    if array.shape[0] != rows:
+                        array.resize((rows, *array.shape[1:]))
+        self._commit()
+        self.root.attrs.update({"status": item.status, "finished": now()})
+
+    def _write_checkpoint(self, payload: bytes, step: int) -> None:
+        # A plain uint8 array (one chunk) keeps the store pure Zarr; it is complete before the commit.
+        values = np.frombuffer(payload, dtype=np.uint8)
+        spec = schema.checkpoint_array(step, len(values))
+        _create_array(self.root, spec, len(values))[...] = values
+
+    def prune_checkpoints(self, keep_step: int) -> None:
+        """Delete every checkpoint but the one at `keep_step` (only the latest committed one is needed)."""
+        if CHECKPOINT_DIR not in self.root:
+            return
+        group = self.root[CHECKPOINT_DIR]
+        assert isinstance(group, zarr.Group)
+        for name in list(group.array_keys()):
+            if name != schema.checkpoint_name(keep_step):
+                del group[name]
+
+    def _array(self, path: str) -> zarr.Array:
+        if path not in self._arrays:
+            array = self.root[path]
+            assert isinstance(array, zarr.Array)
+            self._arrays[path] = array
+        return self._arrays[path]
+
