@@ -1,0 +1,5 @@
+"""`python -m gentrace` runs the CLI (also what `torchrun -m gentrace` needs)."""
+
+from gentrace.cli import main
+
+main()

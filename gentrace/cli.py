@@ -1,0 +1,155 @@
+"""The `gentrace` command line (typer): parse -> call the library -> print.
+
+Exit codes (SPEC section 1): 0 success, 1 runtime failure (diverged, writer failure), 2 bad
+usage or bad input, 130 interrupted. A GentraceError becomes one `error: ...` line on stderr;
+any other exception keeps its traceback (it is a bug).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from gentrace import config as config_mod
+from gentrace.errors import GentraceError
+from gentrace.store.reader import StoreReader
+
+app = typer.Typer(
+    name="gentrace",
+    help="Record a training run into a crash-safe Zarr store; diagnose its generalization offline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _usage_error_types() -> tuple[type[Exception], ...]:
+    """Click's usage errors: vendored as typer._click in typer >= 0.20, plain click before."""
+    found: list[type[Exception]] = []
+    typer_base = getattr(typer, "exceptions", None)
+    if typer_base is not None and hasattr(typer_base, "TyperException"):
+        found.append(typer_base.TyperException)
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def _err(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+def user_errors(fn: F) -> F:
+    """Turn GentraceError into one stderr line and its exit code."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except GentraceError as exc:
+            _err(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+@user_errors
+def record(
+    config: Annotated[
+        Path | None, typer.Argument(help="Run config (TOML). Without one, the built-in quick start runs.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Store path [default: runs/<config name>-<timestamp>.zarr]")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set train.lr=0.1 (repeatable)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the killed or interrupted run in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store at --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train a model and stream its training dynamics into a Zarr store."""
+    from gentrace import run  # torch is imported only by the commands that need it
+
+    overrides = list(set_ or [])
+    cfg = None if resume and config is None and not overrides else config_mod.load(config, overrides)
+    if resume and config is None and overrides:
+        raise config_mod.ConfigError("--resume continues the stored config; --set cannot change it")
+    from gentrace.progress import TrainingProgress
+    from gentrace.schedules import timeline
+
+    shown = cfg
+    if shown is None and out is not None and resume:
+        shown = config_mod.from_dict(StoreReader(out).config)
+    observers: list[Any] = []
+    progress = None
+    if not quiet and shown is not None:
+        tl = timeline(shown.data.n_train, shown.train.batch_size, shown.train.epochs)
+        batch = shown.data.n_train // tl.steps_per_epoch
+        progress = TrainingProgress(tl.total_steps, tl.epochs, batch * shown.train.replicates)
+        observers.append(progress)
+    try:
+        if progress is not None:
+            with progress:
+                path = run.record(cfg, out, device=device, resume=resume, overwrite=overwrite, observers=observers)
+        else:
+            path = run.record(cfg, out, device=device, resume=resume, overwrite=overwrite, observers=observers)
+    except run.Interrupted as exc:
+        _err(str(exc))
+        raise typer.Exit(130) from None
+    _after_record(path, quiet)
+
+
+def _after_record(path: Path, quiet: bool) -> None:
+    """Tell the user where the store is and what to run next (stderr: stdout stays data only)."""
+    if quiet:
+        typer.echo(str(path))
+        return
+    lines = [
+        f"store written: {path}",
+        "next, try:",
+        f"  gentrace info {path}",
+        f"  python -c \"import zarr; g = zarr.open_group('{path}', mode='r'); print(g.tree())\"",
+    ]
+    typer.echo("\n".join(lines), err=True)
+    typer.echo(str(path))
+
+
+@app.command()
+@user_errors
+def info(
+    store: Annotated[Path, typer.Argument(help="A store written by `gentrace record`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show what a store holds: config, status, rows per stream, sizes, compression, writer time."""
+    from gentrace.summary import render, summarize
+
+    summary = summarize(StoreReader(store))
+    typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
+
+
+def main() -> None:
+    """Console-script entry point: click usage errors become one line too."""
+    try:
+        code = app(standalone_mode=False)
+    except _usage_error_types() as exc:
+        _err(exc.format_message())  # type: ignore[attr-defined]
+        sys.exit(getattr(exc, "exit_code", 2))
+    except KeyboardInterrupt:
+        _err("interrupted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

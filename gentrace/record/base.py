@@ -1,0 +1,103 @@
+"""What a probe is and what it sees.
+
+A probe turns training state into rows of one or more store streams. The recorder calls every
+probe after each optimizer step (`after_step`, with the batch's loss already on the host) and at
+every step where a probe may record (`at_step`, step 0 being the initialization); probes check
+their own schedules. Probes hand the writer host NumPy arrays only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gentrace.config import RunConfig
+from gentrace.data import Dataset
+from gentrace.losses import LossName
+from gentrace.schedules import Timeline
+from gentrace.store.schema import StreamSpec
+from gentrace.store.writer import RowBlock
+
+
+@dataclass
+class RunContext:
+    """Everything fixed for the whole run that probes may read.
+
+    Attributes:
+        cfg: the resolved config.
+        data: the data set; x_train [M, n, ...] already on `device`.
+        models: the M replicate models (same initialization).
+        loss: the resolved loss name.
+        timeline: the step grid.
+        device: where the models live.
+        checkpoint: serializes model, optimizer and RNG state (for resume) when called.
+    """
+
+    cfg: RunConfig
+    data: Dataset
+    models: list[nn.Module]
+    loss: LossName
+    timeline: Timeline
+    device: torch.device
+    checkpoint: Callable[[], bytes]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One optimizer step's host-side summary: lr used, batch_loss [M], batch_error [M]."""
+
+    step: int
+    epoch: int
+    lr: float
+    batch_loss: np.ndarray
+    batch_error: np.ndarray
+
+
+class Probe:
+    """Base class: subclasses declare streams and yield RowBlocks; the defaults record nothing."""
+
+    name = "probe"
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.next_row: dict[str, int] = {}
+
+    def streams(self) -> list[StreamSpec]:
+        """The streams this probe writes, preallocated at their final row counts."""
+        return []
+
+    def install(self) -> list[RemovableHandle]:
+        """Register the module hooks this probe needs; the recorder removes them all on exit."""
+        return []
+
+    def after_step(self, info: StepInfo) -> Iterable[RowBlock]:
+        """Called after every optimizer step."""
+        return ()
+
+    def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:
+        """Called at step 0 and after every optimizer step, after `after_step` of every probe."""
+        return ()
+
+    def flush(self) -> Iterable[RowBlock]:
+        """Hand over rows buffered in memory (called before a checkpoint row and at the end)."""
+        return ()
+
+    def resume(self, rows: dict[str, int]) -> None:
+        """Continue writing after `rows[stream]` kept rows of each stream."""
+        self.next_row.update({s.name: rows.get(s.name, 0) for s in self.streams()})
+
+    def take_row(self, stream: str, count: int = 1) -> int:
+        """Reserve `count` rows of `stream` and return the first one's index."""
+        start = self.next_row.get(stream, 0)
+        self.next_row[stream] = start + count
+        return start
+
+
+def host(tensors: Iterable[torch.Tensor]) -> np.ndarray:
+    """Stack replicate tensors into one host float32 array [M, *shape] (a copy, safe to queue)."""
+    return torch.stack([t.detach() for t in tensors]).to("cpu", torch.float32).numpy()

@@ -1,0 +1,52 @@
+"""Model outputs on whole splits at a step, computed once and shared by the metrics and preds probes."""
+
+from __future__ import annotations
+
+import torch
+
+from gentrace.losses import per_sample_loss
+from gentrace.record.base import RunContext
+
+EVAL_BATCH = 1024
+
+
+class Evaluator:
+    """Caches, for the current step, each replicate's outputs on its training set and on the test set."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self._step = -1
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def outputs(self, step: int, split: str) -> torch.Tensor:
+        """Outputs [M, n_split, out] of every replicate (eval mode, no grad) on `split` at `step`."""
+        if step != self._step:
+            self._step, self._cache = step, {}
+        if split not in self._cache:
+            self._cache[split] = self._compute(split)
+        return self._cache[split]
+
+    def targets(self, split: str) -> torch.Tensor:
+        """Labels [M, n_split] of `split` (the test set is shared by every replicate)."""
+        data = self.ctx.data
+        if split == "train":
+            return data.y_train
+        return data.y_test.expand(len(self.ctx.models), *data.y_test.shape)
+
+    def losses(self, step: int, split: str) -> torch.Tensor:
+        """Per-sample losses [M, n_split]."""
+        out, y = self.outputs(step, split), self.targets(split)
+        fn = per_sample_loss(self.ctx.loss)
+        return torch.stack([fn(out[m], y[m]) for m in range(len(out))])
+
+    @torch.no_grad()
+    def _compute(self, split: str) -> torch.Tensor:
+        data = self.ctx.data
+        results = []
+        for m, model in enumerate(self.ctx.models):
+            x = data.x_train[m] if split == "train" else data.x_test
+            was_training = model.training
+            model.eval()
+            results.append(torch.cat([model(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]))
+            model.train(was_training)
+        return torch.stack(results)

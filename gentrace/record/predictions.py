@@ -1,0 +1,44 @@
+"""Probe `preds`: the predicted class (or real output) of every sample of each split, per replicate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from gentrace.config import is_regression
+from gentrace.losses import predict
+from gentrace.record.base import Probe, RunContext
+from gentrace.record.evaluator import Evaluator
+from gentrace.schedules import every_epochs
+from gentrace.store import schema
+from gentrace.store.writer import RowBlock
+
+
+class PredictionsProbe(Probe):
+    """Writes `preds/<split> [Q, M, n_split]` (int16 class or float32 output), `preds/step`, `preds/epoch`."""
+
+    name = "preds"
+
+    def __init__(self, ctx: RunContext, evaluator: Evaluator) -> None:
+        super().__init__(ctx)
+        self.evaluator = evaluator
+        self.splits = list(ctx.cfg.record.predictions.splits)
+        self.steps = set(every_epochs(ctx.cfg.record.predictions.every_epochs, ctx.timeline))
+        self.regression = is_regression(ctx.cfg.data)
+
+    def streams(self) -> list[schema.StreamSpec]:
+        """One `preds` stream with a row per recorded epoch."""
+        sizes = {s: self.evaluator.targets(s).shape[1] for s in self.splits}
+        return [schema.preds_stream(len(self.steps), len(self.ctx.models), sizes, self.regression)]
+
+    def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:
+        """Predict every sample of every split with every replicate."""
+        if step not in self.steps:
+            return
+        dtype = np.float32 if self.regression else np.int16
+        row = {"preds/step": np.array([step], np.int64), "preds/epoch": np.array([epoch], np.int32)}
+        for split in self.splits:
+            out = self.evaluator.outputs(step, split)
+            row[f"preds/{split}"] = predict(out, self.ctx.loss).cpu().numpy().astype(dtype)[None]
+        yield RowBlock("preds", self.take_row("preds"), row)

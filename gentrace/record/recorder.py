@@ -1,0 +1,95 @@
+"""The Recorder: builds the probes a config asks for and feeds their rows to the store writer.
+
+Adding a probe = one module under `record/` + one entry in PROBES. Order matters for crash
+safety: the `params` probe (which carries the resume checkpoint) runs last at a step, after
+every buffered row has been handed over, so a committed checkpoint never precedes a row of
+its own step or earlier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from types import TracebackType
+
+from torch.utils.hooks import RemovableHandle
+
+from gentrace.record.base import Probe, RunContext, StepInfo
+from gentrace.record.evaluator import Evaluator
+from gentrace.record.metrics import MetricsProbe
+from gentrace.record.metrics_fine import MetricsFineProbe
+from gentrace.record.params import params_fine_probe, params_probe
+from gentrace.record.predictions import PredictionsProbe
+from gentrace.store.schema import StreamSpec
+from gentrace.store.writer import RowBlock, StoreWriter
+
+ProbeFactory = Callable[[RunContext, Evaluator], Probe | None]
+
+# name -> factory (None when the config turns the stream off); the checkpointing probe comes last.
+PROBES: dict[str, ProbeFactory] = {
+    "metrics_fine": lambda ctx, ev: MetricsFineProbe(ctx),
+    "metrics": lambda ctx, ev: MetricsProbe(ctx, ev),
+    "preds": lambda ctx, ev: PredictionsProbe(ctx, ev) if ctx.cfg.record.predictions.every_epochs else None,
+    "params_fine": lambda ctx, ev: params_fine_probe(ctx),
+    "params": lambda ctx, ev: params_probe(ctx),
+}
+
+
+class Recorder:
+    """Context manager around one training run: probes in, RowBlocks out to the writer."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        evaluator = Evaluator(ctx)
+        built = ((name, factory(ctx, evaluator)) for name, factory in PROBES.items())
+        self.probes: list[Probe] = [probe for _, probe in built if probe is not None]
+        self._writer: StoreWriter | None = None
+        self._handles: list[RemovableHandle] = []
+
+    def streams(self) -> list[StreamSpec]:
+        """Every stream the probes write, preallocated."""
+        return [stream for probe in self.probes for stream in probe.streams()]
+
+    def resume(self, rows: dict[str, int]) -> None:
+        """Tell every probe how many rows of its streams are kept."""
+        for probe in self.probes:
+            probe.resume(rows)
+
+    def attach(self, writer: StoreWriter) -> Recorder:
+        """Send rows to `writer` (started here)."""
+        self._writer = writer
+        writer.start()
+        return self
+
+    def __enter__(self) -> Recorder:
+        for probe in self.probes:
+            self._handles.extend(probe.install())
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def after_step(self, info: StepInfo) -> None:
+        """After every optimizer step."""
+        for probe in self.probes:
+            self._put(probe.after_step(info))
+
+    def at_step(self, step: int, epoch: int) -> None:
+        """At step 0 and after every optimizer step; probes check their schedules."""
+        for probe in self.probes:
+            if getattr(probe, "checkpoints", False) and step in getattr(probe, "steps", ()):
+                self.flush()
+            self._put(probe.at_step(step, epoch))
+
+    def flush(self) -> None:
+        """Hand every buffered row to the writer."""
+        for probe in self.probes:
+            self._put(probe.flush())
+
+    def _put(self, blocks: Iterable[RowBlock]) -> None:
+        assert self._writer is not None, "attach a writer before recording"
+        for block in blocks:
+            self._writer.put(block)

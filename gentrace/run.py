@@ -1,0 +1,203 @@
+"""`gentrace record` as a library call: config -> data -> models -> store -> train + record.
+
+Everything that can be wrong with the input (config, data set size, tensor names, frozen
+prefixes, the store path) is checked before the store is created, so bad input never leaves
+a half-written store behind. Faults during training end with a status in the store (SPEC
+section 7): `diverged` (NaN loss), `interrupted` (SIGINT), `failed` (anything else); a SIGKILL
+leaves `running` with no live writer, which readers report as `killed`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gentrace import __version__
+from gentrace.config import RunConfig, from_dict, to_dict
+from gentrace.data import Dataset, build_data
+from gentrace.errors import ConfigError, StoreError, TrainingDiverged
+from gentrace.losses import output_dim, resolve_loss
+from gentrace.models import apply_freeze, build_model
+from gentrace.record.base import RunContext
+from gentrace.record.recorder import Recorder
+from gentrace.store import schema
+from gentrace.store.reader import StoreReader
+from gentrace.store.writer import StoreWriter, create_store, open_for_resume
+from gentrace.train import StepObserver, Trainer
+
+
+class Interrupted(Exception):
+    """SIGINT during recording: the store was flushed and marked `interrupted`."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"interrupted; the store {path} keeps every committed row (continue with --resume)")
+        self.path = path
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; a CUDA device that is absent is bad input."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: this machine has no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def default_store_path(cfg: RunConfig) -> Path:
+    """`runs/<config name>-<timestamp>.zarr`."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.name}-{stamp}.zarr"
+
+
+def _to_device(data: Dataset, device: torch.device) -> Dataset:
+    return dataclasses.replace(
+        data,
+        x_train=data.x_train.to(device),
+        y_train=data.y_train.to(device),
+        x_test=data.x_test.to(device),
+        y_test=data.y_test.to(device),
+    )
+
+
+def prepare(cfg: RunConfig, device: torch.device) -> tuple[Trainer, Recorder, Dataset]:
+    """Build data, models, trainer and recorder; raises on any bad input before a store exists."""
+    data = build_data(cfg.data, cfg.train.replicates)
+    loss = resolve_loss(cfg.train.loss, data.num_classes)
+    if loss == "bce" and data.num_classes != 2:
+        raise ConfigError(f"train.loss = 'bce' needs two classes; this data has {data.num_classes}")
+    model = build_model(cfg.model, data.input_shape, output_dim(loss, data.num_classes))
+    apply_freeze(model, cfg.model.freeze)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("model.freeze freezes every parameter; nothing would train")
+    models = [copy.deepcopy(model).to(device) for _ in range(cfg.train.replicates)]
+    on_device = _to_device(data, device)
+    trainer = Trainer(cfg, on_device, models)
+    ctx = RunContext(cfg, on_device, models, trainer.loss, trainer.timeline, device, trainer.checkpoint)
+    return trainer, Recorder(ctx), data
+
+
+def _attrs(cfg: RunConfig, trainer: Trainer, data: Dataset, device: torch.device) -> dict[str, object]:
+    return {
+        "gentrace_version": __version__,
+        "config": to_dict(cfg),
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "python_version": platform.python_version(),
+        "device": str(device),
+        "loss": trainer.loss,
+        "num_classes": data.num_classes,
+        "input_shape": list(data.input_shape),
+        "replicates": cfg.train.replicates,
+        "steps_per_epoch": trainer.timeline.steps_per_epoch,
+        "total_steps": trainer.timeline.total_steps,
+    }
+
+
+def _static(data: Dataset) -> dict[str, np.ndarray]:
+    return schema.data_arrays(
+        data.train_index, data.test_index, data.y_train.cpu().numpy(), data.y_test.cpu().numpy(), data.noise_mask
+    )
+
+
+def record(
+    cfg: RunConfig | None,
+    out: Path | None,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    observers: Sequence[StepObserver] = (),
+) -> Path:
+    """Record a run into `out` (or continue the run stored there with `resume`); returns the store path."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; choose one")
+    dev = resolve_device(device)
+    if resume:
+        if out is None:
+            raise ConfigError("--resume needs --out STORE: the store to continue")
+        return _resume(cfg, out, dev, observers)
+    assert cfg is not None
+    path = out if out is not None else default_store_path(cfg)
+    if path.exists() and not overwrite:
+        raise StoreError(f"{path} already exists; pass --overwrite to replace it or --resume to continue it")
+    trainer, recorder, data = prepare(cfg, dev)
+    writer = create_store(path, _attrs(cfg, trainer, data, dev), recorder.streams(), _static(data), overwrite=overwrite)
+    _train(trainer, recorder, writer, observers)
+    return path
+
+
+def _resume(cfg: RunConfig | None, path: Path, dev: torch.device, observers: Sequence[StepObserver]) -> Path:
+    reader = StoreReader(path)
+    stored = from_dict(reader.config)
+    if cfg is not None and to_dict(cfg) != to_dict(stored):
+        changed = _first_difference(to_dict(cfg), to_dict(stored))
+        raise ConfigError(f"--resume: the config differs from the store's at {changed}; resume without a CONFIG")
+    if reader.attrs.get("status") == "complete":
+        return path
+    if not reader.has("params") or reader.committed("params") == 0:
+        raise StoreError(
+            f"{path} has no committed parameter snapshot to resume from "
+            "(record.params.every_epochs must be > 0); record it again with --overwrite"
+        )
+    trainer, recorder, _ = prepare(stored, dev)
+    writer = open_for_resume(path)
+    try:
+        last = int(reader.array("params/step")[-1])
+        keep = {s: int((reader.array(f"{s}/step") <= last).sum()) for s in reader.streams()}
+        for stream, rows in keep.items():
+            writer.truncate(stream, rows)
+        writer.declare(recorder.streams())
+        writer.prune_checkpoints(keep_step=last)
+        trainer.restore(reader.checkpoint(last))
+    except BaseException:
+        writer.close_after_failure("failed")
+        raise
+    recorder.resume(keep)
+    _train(trainer, recorder, writer, observers)
+    return path
+
+
+def _train(trainer: Trainer, recorder: Recorder, writer: StoreWriter, observers: Sequence[StepObserver]) -> None:
+    recorder.attach(writer)
+    try:
+        with recorder:
+            trainer.run(recorder, observers)
+    except KeyboardInterrupt:
+        try:
+            recorder.flush()
+        finally:
+            writer.close_after_failure("interrupted")
+        raise Interrupted(writer.path) from None
+    except BaseException as exc:
+        status = "diverged" if isinstance(exc, TrainingDiverged) else "failed"
+        writer.close_after_failure(status)
+        raise
+    writer.close("complete")
+
+
+def _first_difference(a: dict[str, object], b: dict[str, object], prefix: str = "") -> str:
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            found = _first_difference(va, vb, f"{prefix}{key}.")
+            if found:
+                return found
+        elif va != vb:
+            return f"{prefix}{key} ({va!r} here, {vb!r} in the store)"
+    return ""

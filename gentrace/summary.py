@@ -1,0 +1,112 @@
+"""What `gentrace info` shows: config summary, status, rows per stream, sizes, compression, writer time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gentrace.store.reader import StoreReader
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    """One stream: committed rows, arrays, uncompressed and on-disk bytes, and its step range."""
+
+    name: str
+    rows: int
+    arrays: int
+    raw_bytes: int
+    disk_bytes: int
+    first_step: int | None
+    last_step: int | None
+
+
+def summarize(reader: StoreReader) -> dict[str, Any]:
+    """Everything `info` prints, as plain data (also what `info --json` writes)."""
+    attrs = reader.attrs
+    streams = []
+    for name, paths in reader.streams().items():
+        rows = reader.committed(name)
+        steps = reader.array(f"{name}/step") if rows else None
+        streams.append(
+            StreamSummary(
+                name=name,
+                rows=rows,
+                arrays=len(paths),
+                raw_bytes=sum(reader.logical_bytes(p) for p in paths),
+                disk_bytes=sum(reader.disk_bytes(p) for p in paths),
+                first_step=int(steps[0]) if steps is not None else None,
+                last_step=int(steps[-1]) if steps is not None else None,
+            )
+        )
+    total_disk = sum(f.stat().st_size for f in reader.path.rglob("*") if f.is_file())
+    raw = sum(s.raw_bytes for s in streams)
+    data = sum(s.disk_bytes for s in streams)
+    return {
+        "store": str(reader.path),
+        "status": reader.status,
+        "created": attrs.get("created"),
+        "finished": attrs.get("finished"),
+        "config": attrs.get("config", {}),
+        "device": attrs.get("device"),
+        "torch_version": attrs.get("torch_version"),
+        "gentrace_version": attrs.get("gentrace_version"),
+        "total_steps": attrs.get("total_steps"),
+        "streams": [s.__dict__ for s in streams],
+        "disk_bytes": total_disk,
+        "compression_ratio": raw / data if data else None,
+        "writer": attrs.get("writer", {}),
+    }
+
+
+def describe_config(cfg: dict[str, Any]) -> str:
+    """One line: data, model, optimizer, epochs, replicates."""
+    d, m, t = cfg.get("data", {}), cfg.get("model", {}), cfg.get("train", {})
+    model = f"{m.get('arch')}"
+    if m.get("arch") == "mlp":
+        model += f" {m.get('hidden')}"
+    noise = f", label_noise {d.get('label_noise')}" if d.get("label_noise") else ""
+    return (
+        f"{cfg.get('name')}: {d.get('name')}/{d.get('task')} n_train {d.get('n_train')} x {t.get('replicates')} "
+        f"replicate(s), n_test {d.get('n_test')}{noise}; {model}; {t.get('optimizer')} lr {t.get('lr')} "
+        f"batch {t.get('batch_size')}, {t.get('epochs')} epochs"
+    )
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def render(summary: dict[str, Any]) -> str:
+    """Human-readable text for `gentrace info`."""
+    lines = [
+        f"store      {summary['store']}",
+        f"status     {summary['status']}  (created {summary['created']}, finished {summary['finished'] or '-'})",
+        f"config     {describe_config(summary['config'])}",
+        f"recorded   on {summary['device']} with torch {summary['torch_version']}, "
+        f"gentrace {summary['gentrace_version']}; {summary['total_steps']} optimizer steps planned",
+        "",
+        f"{'stream':<14}{'rows':>8}{'steps':>16}{'arrays':>8}{'raw':>12}{'on disk':>12}{'ratio':>8}",
+    ]
+    for s in summary["streams"]:
+        span = f"{s['first_step']}..{s['last_step']}" if s["rows"] else "-"
+        ratio = f"{s['raw_bytes'] / s['disk_bytes']:.2f}" if s["disk_bytes"] else "-"
+        lines.append(
+            f"{s['name']:<14}{s['rows']:>8}{span:>16}{s['arrays']:>8}"
+            f"{human_bytes(s['raw_bytes']):>12}{human_bytes(s['disk_bytes']):>12}{ratio:>8}"
+        )
+    ratio = summary["compression_ratio"]
+    writer = summary["writer"]
+    lines += [
+        "",
+        f"on disk    {human_bytes(summary['disk_bytes'])} in all; compression ratio "
+        f"{ratio:.2f}" if ratio else f"on disk    {human_bytes(summary['disk_bytes'])}",
+        f"writer     busy {writer.get('busy_s', 0):.2f} s over {writer.get('blocks', 0)} blocks "
+        f"({human_bytes(writer.get('bytes', 0))} handed over)",
+    ]
+    return "\n".join(lines)
