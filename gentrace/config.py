@@ -20,12 +20,17 @@ from typing import Any, Literal, get_args, get_origin
 from gentrace.errors import ConfigError
 
 DataName = Literal[
-    "sinusoid", "ball-sinusoid", "cos2d", "product", "sparse-noise",
-    "digits", "mnist", "fashion-mnist", "cifar10",
+    "sinusoid",
+    "ball-sinusoid",
+    "cos2d",
+    "product",
+    "sparse-noise",
+    "digits",
+    "mnist",
+    "fashion-mnist",
+    "cifar10",
 ]
-Task = Literal[
-    "multiclass", "0to4-vs-5to9", "animals-vs-objects", "first5-vs-last5", "dog-vs-airplane"
-]
+Task = Literal["multiclass", "0to4-vs-5to9", "animals-vs-objects", "first5-vs-last5", "dog-vs-airplane"]
 Arch = Literal["mlp", "cnn", "resnet18", "vgg11", "alexnet"]
 
 
@@ -117,9 +122,15 @@ class PredictionsRecord:
 
 @dataclass(frozen=True)
 class RecordConfig:
-    """`[record]`: what is streamed into the store, and how often."""
+    """`[record]`: what is streamed into the store, and how often.
+
+    `checkpoint_every_s`: a parameter snapshot carries a resume checkpoint (model, optimizer and
+    RNG state) if at least this many seconds passed since the last one (the first and last
+    snapshots always do; 0 = every snapshot). At most this much training is redone after a kill.
+    """
 
     eval_every_steps: int = field(default=0, metadata=_check(0))
+    checkpoint_every_s: float = field(default=30.0, metadata=_check(0.0))
     params: ParamsRecord = ParamsRecord()
     params_fine: ParamsFineRecord = ParamsFineRecord()
     predictions: PredictionsRecord = PredictionsRecord()
@@ -165,6 +176,7 @@ replicates = 2
 
 [record]
 eval_every_steps = 0
+checkpoint_every_s = 30.0
 params = { every_epochs = 1, names = "all" }
 params_fine = { every_steps = 1, names = ["first_layer.bias"] }
 predictions = { every_epochs = 1, splits = ["train", "test"] }
@@ -360,15 +372,25 @@ def _validate_cross_fields(cfg: RunConfig) -> None:
     data, train = cfg.data, cfg.train
     if data.task != "multiclass" and data.name not in _BINARY_TASKS[data.task]:
         allowed = ", ".join(sorted(_BINARY_TASKS[data.task]))
-        raise ConfigError(f"data.task = {data.task!r} does not apply to data.name = {data.name!r}; it applies to: {allowed}")
+        raise ConfigError(
+            f"data.task = {data.task!r} does not apply to data.name = {data.name!r}; it applies to: {allowed}"
+        )
     if is_regression(data):
         if train.loss in ("cross_entropy", "bce"):
-            raise ConfigError(f"train.loss = {train.loss!r} needs classes, but {data.name} is a regression set; use mse or auto")
+            raise ConfigError(
+                f"train.loss = {train.loss!r} needs classes, but {data.name} is a regression set; use mse or auto"
+            )
         if data.label_noise > 0:
             raise ConfigError(f"data.label_noise applies to class labels only; {data.name} is a regression set")
     elif train.loss == "mse":
-        raise ConfigError(f"train.loss = 'mse' needs a regression set; {data.name} has classes: use cross_entropy, bce or auto")
-    if train.loss == "bce" and data.task == "multiclass" and data.name not in ("sinusoid", "ball-sinusoid", "sparse-noise"):
+        raise ConfigError(
+            f"train.loss = 'mse' needs a regression set; {data.name} has classes: use cross_entropy, bce or auto"
+        )
+    if (
+        train.loss == "bce"
+        and data.task == "multiclass"
+        and data.name not in ("sinusoid", "ball-sinusoid", "sparse-noise")
+    ):
         raise ConfigError("train.loss = 'bce' needs two classes: set data.task to a binary relabeling")
     if cfg.model.arch != "mlp" and data.name not in ("digits", "mnist", "fashion-mnist", "cifar10"):
         raise ConfigError(f"model.arch = {cfg.model.arch!r} needs image data; {data.name} is a vector set: use mlp")

@@ -158,7 +158,11 @@ def _resume(cfg: RunConfig | None, path: Path, dev: torch.device, observers: Seq
     trainer, recorder, _ = prepare(stored, dev)
     writer = open_for_resume(path)
     try:
-        last = int(reader.array("params/step")[-1])
+        committed_steps = set(reader.array("params/step").tolist())
+        usable = [s for s in reader.checkpoint_steps() if s in committed_steps]
+        if not usable:
+            raise StoreError(f"{path} has no committed checkpoint to resume from; record it again with --overwrite")
+        last = usable[-1]
         keep = {s: int((reader.array(f"{s}/step") <= last).sum()) for s in reader.streams()}
         for stream, rows in keep.items():
             writer.truncate(stream, rows)

@@ -104,8 +104,9 @@ def render(summary: dict[str, Any]) -> str:
     writer = summary["writer"]
     lines += [
         "",
-        f"on disk    {human_bytes(summary['disk_bytes'])} in all; compression ratio "
-        f"{ratio:.2f}" if ratio else f"on disk    {human_bytes(summary['disk_bytes'])}",
+        f"on disk    {human_bytes(summary['disk_bytes'])} in all; compression ratio {ratio:.2f}"
+        if ratio
+        else f"on disk    {human_bytes(summary['disk_bytes'])}",
         f"writer     busy {writer.get('busy_s', 0):.2f} s over {writer.get('blocks', 0)} blocks "
         f"({human_bytes(writer.get('bytes', 0))} handed over)",
     ]

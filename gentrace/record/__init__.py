@@ -1,0 +1,1 @@
+"""Probes: one module per recorded stream, wired by the Recorder."""

@@ -22,6 +22,7 @@ class MetricsProbe(Probe):
     """Writes `metrics/`: step, epoch, lr [R]; train_loss, train_acc, test_loss, test_acc [R, M]."""
 
     name = "metrics"
+    buffer_limit = 64
 
     def __init__(self, ctx: RunContext, evaluator: Evaluator) -> None:
         super().__init__(ctx)
@@ -53,4 +54,4 @@ class MetricsProbe(Probe):
             acc = correct(out.flatten(0, 1), y.flatten(0, 1), self.ctx.loss).view(y.shape).mean(dim=1)
             row[f"metrics/{split}_loss"] = loss[None].float().cpu().numpy()
             row[f"metrics/{split}_acc"] = acc[None].float().cpu().numpy()
-        yield RowBlock("metrics", self.take_row("metrics"), row)
+        yield from self.emit("metrics", row)

@@ -8,6 +8,8 @@ a few tensors (default: the first layer's bias) every N optimizer steps, cheaply
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -32,24 +34,41 @@ class TensorSnapshotProbe(Probe):
         self.checkpoints = checkpoints
         params = dict(ctx.models[0].named_parameters())
         self.shapes = {name: tuple(params[name].shape) for name in self.names}
+        # Snapshots that carry a checkpoint are written at once; fine snapshots of a few small
+        # tensors are batched into blocks of whole chunks.
+        self.stream_spec = schema.tensor_stream(
+            self.name, len(self.steps), len(ctx.models), self.shapes, batched=not checkpoints
+        )
+        self.buffer_limit = self.stream_spec.arrays[0].rows_per_chunk
+        self.checkpoint_every_s = ctx.cfg.record.checkpoint_every_s
+        self._last_checkpoint = -math.inf
 
     def streams(self) -> list[schema.StreamSpec]:
         """One stream, one row per snapshot step."""
-        return [schema.tensor_stream(self.name, len(self.steps), len(self.ctx.models), self.shapes)]
+        return [self.stream_spec]
+
+    def checkpoint_due(self, step: int) -> bool:
+        """The first and last snapshots, and any snapshot `checkpoint_every_s` after the previous checkpoint."""
+        if not self.checkpoints or step not in self.steps:
+            return False
+        edge = step in (min(self.steps), max(self.steps))
+        return edge or time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s
 
     def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:
-        """Copy the tensors of every replicate to the host (and the checkpoint, for `params`)."""
+        """Copy the tensors of every replicate to the host (with a checkpoint when one is due)."""
         if step not in self.steps:
             return
         per_model = [dict(model.named_parameters()) for model in self.ctx.models]
-        row = {
-            f"{self.name}/step": np.array([step], np.int64),
-            f"{self.name}/epoch": np.array([epoch], np.int32),
-        }
+        row = {f"{self.name}/step": np.array([step], np.int64)}
         for name in self.names:
             row[f"{self.name}/{name}"] = host(p[name] for p in per_model)[None]
-        checkpoint = self.ctx.checkpoint() if self.checkpoints else None
-        yield RowBlock(self.name, self.take_row(self.name), row, checkpoint=checkpoint, checkpoint_step=step)
+        if self.checkpoint_due(step):
+            self._last_checkpoint = time.monotonic()
+            yield RowBlock(self.name, self.take_row(self.name), row, self.ctx.checkpoint(), checkpoint_step=step)
+        elif self.checkpoints:
+            yield RowBlock(self.name, self.take_row(self.name), row)
+        else:
+            yield from self.emit(self.name, row)
 
 
 def params_probe(ctx: RunContext) -> TensorSnapshotProbe | None:

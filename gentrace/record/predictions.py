@@ -19,6 +19,7 @@ class PredictionsProbe(Probe):
     """Writes `preds/<split> [Q, M, n_split]` (int16 class or float32 output), `preds/step`, `preds/epoch`."""
 
     name = "preds"
+    buffer_limit = 16
 
     def __init__(self, ctx: RunContext, evaluator: Evaluator) -> None:
         super().__init__(ctx)
@@ -29,7 +30,7 @@ class PredictionsProbe(Probe):
 
     def streams(self) -> list[schema.StreamSpec]:
         """One `preds` stream with a row per recorded epoch."""
-        sizes = {s: self.evaluator.targets(s).shape[1] for s in self.splits}
+        sizes: dict[str, int] = {s: self.evaluator.targets(s).shape[1] for s in self.splits}
         return [schema.preds_stream(len(self.steps), len(self.ctx.models), sizes, self.regression)]
 
     def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:
@@ -37,8 +38,8 @@ class PredictionsProbe(Probe):
         if step not in self.steps:
             return
         dtype = np.float32 if self.regression else np.int16
-        row = {"preds/step": np.array([step], np.int64), "preds/epoch": np.array([epoch], np.int32)}
+        row: dict[str, np.ndarray] = {"preds/step": np.array([step], np.int64)}
         for split in self.splits:
             out = self.evaluator.outputs(step, split)
             row[f"preds/{split}"] = predict(out, self.ctx.loss).cpu().numpy().astype(dtype)[None]
-        yield RowBlock("preds", self.take_row("preds"), row)
+        yield from self.emit("preds", row)

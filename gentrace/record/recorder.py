@@ -80,7 +80,7 @@ class Recorder:
     def at_step(self, step: int, epoch: int) -> None:
         """At step 0 and after every optimizer step; probes check their schedules."""
         for probe in self.probes:
-            if getattr(probe, "checkpoints", False) and step in getattr(probe, "steps", ()):
+            if probe.checkpoint_due(step):
                 self.flush()
             self._put(probe.at_step(step, epoch))
 
@@ -90,6 +90,6 @@ class Recorder:
             self._put(probe.flush())
 
     def _put(self, blocks: Iterable[RowBlock]) -> None:
-        assert self._writer is not None, "attach a writer before recording"
         for block in blocks:
+            assert self._writer is not None, "attach a writer before recording"
             self._writer.put(block)

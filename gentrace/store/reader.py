@@ -69,7 +69,7 @@ class StoreReader:
 
     @property
     def status(self) -> str:
-        """running | complete | interrupted | diverged | failed; `killed` for a running store without a writer."""
+        """Running | complete | interrupted | diverged | failed; `killed` for a running store without a writer."""
         status = str(self.attrs.get("status", "unknown"))
         if status in ("running", "initializing") and not is_locked(self.path):
             return "killed"
@@ -129,18 +129,33 @@ class StoreReader:
             return int(array.shape[0])
         return min(self.committed(stream), int(array.shape[0]))
 
+    def checkpoint_steps(self) -> list[int]:
+        """Steps that have a resume checkpoint on disk (committed or not: compare with params/step)."""
+        if schema.CHECKPOINT_GROUP not in self._root:
+            return []
+        group = self._root[schema.CHECKPOINT_GROUP]
+        assert isinstance(group, zarr.Group)
+        return sorted(int(name.split("-", 1)[1]) for name in group.array_keys())
+
+    def epochs(self, stream: str) -> np.ndarray:
+        """Completed epochs at each committed row of `stream` [rows] (step // steps_per_epoch)."""
+        return self.array(f"{stream}/step") // int(self.attrs["steps_per_epoch"])
+
     def checkpoint(self, step: int) -> bytes:
         """The serialized training state saved with the parameter snapshot at `step`."""
         path = f"{schema.CHECKPOINT_GROUP}/{schema.checkpoint_name(step)}"
         try:
             node = zarr.open_array(self._root.store, path=path, mode="r", zarr_format=3)
         except (KeyError, FileNotFoundError, zarr.errors.ArrayNotFoundError):
-            raise StoreError(f"{self.path} has no checkpoint for step {step}; it cannot be resumed from there") from None
+            raise StoreError(
+                f"{self.path} has no checkpoint for step {step}; it cannot be resumed from there"
+            ) from None
         return np.asarray(node[...]).tobytes()
 
     def array_paths(self) -> list[str]:
         """Every array in the store (static and streamed)."""
-        paths = [f"data/{name}" for name, _ in self._root["data"].arrays()] if "data" in self._root else []
+        data = self._root["data"] if "data" in self._root else None
+        paths = [f"data/{name}" for name in data.array_keys()] if isinstance(data, zarr.Group) else []
         for stream_paths in self.streams().values():
             paths.extend(stream_paths)
         return paths

@@ -31,6 +31,9 @@ FORMAT_NAME = "gentrace"
 CHUNK_TARGET_BYTES = 4 * 2**20
 # Small per-step arrays (metrics) are chunked this many rows at a time and written in batches.
 SMALL_ROWS_PER_CHUNK = 8192
+# Fine snapshots of small tensors: rows per chunk so that a chunk holds at most ~1 MiB.
+BATCHED_CHUNK_BYTES = 2**20
+BATCHED_MAX_ROWS = 256
 # Where the final row count is unknown the writer grows an array by this many rows at a time.
 GROW_ROWS = 64
 
@@ -161,19 +164,29 @@ def metrics_fine_stream(rows: int, replicates: int) -> StreamSpec:
     )
 
 
-def tensor_stream(name: str, rows: int, replicates: int, shapes: Mapping[str, Sequence[int]]) -> StreamSpec:
-    """`params/<tensor>` or `params_fine/<tensor>`: [S, M, *shape] float32 snapshots, plus step and epoch."""
-    arrays = [_step(name), ArraySpec(f"{name}/epoch", (), "int32", "index")]
+def tensor_stream(
+    name: str, rows: int, replicates: int, shapes: Mapping[str, Sequence[int]], *, batched: bool = False
+) -> StreamSpec:
+    """`params/<tensor>` or `params_fine/<tensor>`: [S, M, *shape] float32 snapshots, plus `step` [S].
+
+    `batched` (fine snapshots of a few small tensors, written in blocks): several rows per chunk,
+    up to BATCHED_CHUNK_BYTES per chunk and BATCHED_MAX_ROWS rows; otherwise one row per chunk.
+    """
+    row_bytes = 4 * replicates * sum(math.prod(shape) for shape in shapes.values())
+    r = 1
+    if batched:
+        r = max(1, min(BATCHED_MAX_ROWS, rows, BATCHED_CHUNK_BYTES // max(1, row_bytes)))
+    arrays = [_step(name, r)]
     for tensor, shape in shapes.items():
-        arrays.append(ArraySpec(f"{name}/{tensor}", (replicates, *shape), "float32", "float"))
+        arrays.append(ArraySpec(f"{name}/{tensor}", (replicates, *shape), "float32", "float", r))
     return StreamSpec(name, rows, tuple(arrays))
 
 
 def preds_stream(rows: int, replicates: int, split_sizes: Mapping[str, int], regression: bool) -> StreamSpec:
-    """`preds/<split>`: [Q, M, n_split] int16 predicted class (float32 output for regression)."""
+    """`preds/<split>`: [Q, M, n_split] int16 predicted class (float32 output for regression), `preds/step`."""
     dtype = "float32" if regression else "int16"
     codec = "float" if regression else "count"
-    arrays = [_step("preds"), ArraySpec("preds/epoch", (), "int32", "index")]
+    arrays = [_step("preds")]
     arrays += [ArraySpec(f"preds/{split}", (replicates, n), dtype, codec) for split, n in split_sizes.items()]
     return StreamSpec("preds", rows, tuple(arrays))
 
