@@ -99,7 +99,7 @@ def record(
     progress = None
     if not quiet and shown is not None:
         tl = timeline(shown.data.n_train, shown.train.batch_size, shown.train.epochs)
-        batch = shown.data.n_train // tl.steps_per_epoch
+        batch = min(shown.train.batch_size or shown.data.n_train, shown.data.n_train)
         progress = TrainingProgress(tl.total_steps, tl.epochs, batch * shown.train.replicates)
         observers.append(progress)
     try:

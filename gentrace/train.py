@@ -13,7 +13,6 @@ The loop calls the recorder at defined points and contains no storage code.
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -46,7 +45,8 @@ class Trainer:
         self.models = list(models)
         self.loss: LossName = resolve_loss(cfg.train.loss, data.num_classes)
         self.timeline: Timeline = timeline(cfg.data.n_train, cfg.train.batch_size, cfg.train.epochs)
-        self.batch = math.ceil(cfg.data.n_train / self.timeline.steps_per_epoch)
+        n = cfg.data.n_train
+        self.batch = n if cfg.train.batch_size == 0 else min(cfg.train.batch_size, n)
         trainable = [p for model in self.models for p in model.parameters() if p.requires_grad]
         t = cfg.train
         self.optimizer: torch.optim.Optimizer
@@ -56,6 +56,7 @@ class Trainer:
             self.optimizer = torch.optim.Adam(trainable, lr=t.lr, weight_decay=t.weight_decay)
         self.step = 0
         self.epoch = 0
+        self.restored = False
         torch.manual_seed(cfg.model.seed)
 
     def lr_at(self, epoch: int) -> float:
@@ -99,11 +100,12 @@ class Trainer:
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.restored = True
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, recorder: Recorder, observers: Sequence[StepObserver] = ()) -> None:
         """Train from the current step to the end, recording as configured."""
-        if self.step == 0:
+        if not self.restored:
             recorder.at_step(0, 0)
         loss_fn = per_sample_loss(self.loss)
         x, y = self.data.x_train, self.data.y_train

@@ -154,7 +154,7 @@ class StoreReader:
 
     def array_paths(self) -> list[str]:
         """Every array in the store (static and streamed)."""
-        data = self._root["data"] if "data" in self._root else None
+        data = self._root.get("data", None)
         paths = [f"data/{name}" for name in data.array_keys()] if isinstance(data, zarr.Group) else []
         for stream_paths in self.streams().values():
             paths.extend(stream_paths)

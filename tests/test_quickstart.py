@@ -1,0 +1,106 @@
+"""End to end: `gentrace record` with no arguments, then `info`, plain zarr and dask reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from gentrace import config
+from gentrace.store.reader import StoreReader
+
+ROOT = Path(__file__).resolve().parents[1]
+STREAMS = ["metrics", "metrics_fine", "params", "params_fine", "preds"]
+
+
+def gentrace(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "gentrace", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    cwd = tmp_path_factory.mktemp("qs")
+    done = gentrace("record", cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    return cwd / done.stdout.strip(), done
+
+
+def test_quickstart_prints_store_and_next_commands(quickstart: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    path, done = quickstart
+    assert done.stdout.strip().startswith("runs/quickstart-")
+    assert done.stdout.strip().endswith(".zarr")
+    assert len(done.stdout.strip().splitlines()) == 1  # stdout: the store path only
+    assert f"gentrace info {done.stdout.strip()}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert path.is_dir()
+
+
+def test_info_lists_every_stream_with_rows(quickstart: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    path, _ = quickstart
+    text = gentrace("info", str(path), cwd=path.parent)
+    assert text.returncode == 0, text.stderr
+    reader = StoreReader(path)
+    for stream in STREAMS:
+        line = next(row for row in text.stdout.splitlines() if row.startswith(stream + " "))
+        assert int(line.split()[1]) == reader.committed(stream) > 0
+    assert "status     complete" in text.stdout
+    as_json = json.loads(gentrace("info", "--json", str(path), cwd=path.parent).stdout)
+    assert {s["name"]: s["rows"] for s in as_json["streams"]} == {s: reader.committed(s) for s in STREAMS}
+    assert as_json["compression_ratio"] > 0
+
+
+def test_plain_zarr_arrays_end_at_committed(quickstart: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    path, _ = quickstart
+    group = zarr.open_group(path, mode="r")
+    committed = group.attrs["committed"]
+    streams = group.attrs["streams"]
+    cfg = config.load(None)
+    expected_rows = {
+        "metrics": cfg.train.epochs + 1,
+        "params": cfg.train.epochs + 1,
+        "preds": cfg.train.epochs + 1,
+        "metrics_fine": group.attrs["total_steps"],
+        "params_fine": group.attrs["total_steps"] + 1,
+    }
+    assert committed == expected_rows
+    for stream, paths in streams.items():
+        for array_path in paths:
+            array = group[array_path]
+            assert array.shape[0] == committed[stream], array_path
+            values = np.asarray(array[...])
+            if values.dtype.kind == "f":
+                assert not np.isnan(values).any(), array_path
+            else:
+                assert (values != -1).all(), array_path
+    assert group["params/0.weight"].shape == (cfg.train.epochs + 1, cfg.train.replicates, 128, 64)
+
+
+def test_dask_reads_the_store(quickstart: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    import dask.array as da  # a test dependency (extras "test")
+
+    path, _ = quickstart
+    lazy = da.from_zarr(str(path), component="params/0.weight")
+    assert np.array_equal(lazy[-1].compute(), StoreReader(path).array("params/0.weight")[-1])
+
+
+def test_training_learns_digits(quickstart: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    reader = StoreReader(quickstart[0])
+    test_acc = reader.array("metrics/test_acc")
+    assert test_acc[0].max() < 0.3  # chance level at initialization
+    assert test_acc[-1].min() > 0.9  # every replicate learns the digits
+    preds = reader.array("preds/test")[-1]
+    labels = reader.array("data/labels_test")
+    assert np.allclose((preds == labels).mean(axis=1), test_acc[-1], atol=1e-6)
+
+
+def test_sample_quickstart_file_is_the_builtin() -> None:
+    assert (ROOT / "sample_configs" / "quickstart.toml").read_text() == config.QUICKSTART_TOML
