@@ -8,6 +8,7 @@ any other exception keeps its traceback (it is a bug).
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -84,6 +85,9 @@ def record(
 ) -> None:
     """Train a model and stream its training dynamics into a Zarr store."""
     from gentrace import run  # torch is imported only by the commands that need it
+
+    # A scheduler's SIGTERM (job time limit, preemption) ends the run like Ctrl-C: flushed, resumable.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     overrides = list(set_ or [])
     cfg = None if resume and config is None and not overrides else config_mod.load(config, overrides)

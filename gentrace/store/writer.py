@@ -89,6 +89,8 @@ def create_store(
     """Create a new store at `path` (refusing an existing path unless `overwrite`), locked for writing."""
     path = Path(path)
     if path.exists():
+        if not path.is_dir():
+            raise StoreError(f"{path} is a file, not a store directory; choose another --out path")
         if not overwrite:
             raise StoreError(f"{path} already exists; pass --overwrite to replace it or --resume to continue it")
         if any(path.iterdir()):
@@ -141,6 +143,19 @@ def open_for_resume(path: Path) -> StoreWriter:
 
 async def _gather(writes: list[Coroutine[Any, Any, None]]) -> None:
     await asyncio.gather(*writes)
+
+
+async def _write_rows(array: zarr.Array, parts: list[tuple[int, np.ndarray]]) -> None:
+    """Write (start, rows) parts of one array one after another, merging contiguous runs."""
+    runs: list[tuple[int, list[np.ndarray]]] = []
+    for start, values in sorted(parts, key=lambda part: part[0]):
+        if runs and runs[-1][0] + sum(len(v) for v in runs[-1][1]) == start:
+            runs[-1][1].append(values)
+        else:
+            runs.append((start, [values]))
+    for start, pieces in runs:
+        values = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        await array.async_array.setitem(slice(start, start + len(values)), values)
 
 
 def _process_name() -> str:
@@ -196,10 +211,16 @@ class StoreWriter:
 
     def truncate(self, stream: str, rows: int) -> None:
         """Forget rows >= `rows` of a stream (resume keeps only rows up to the checkpoint)."""
-        self.stats.committed[stream] = min(rows, self.stats.committed.get(stream, 0))
+        keep = self.stats.committed[stream] = min(rows, self.stats.committed.get(stream, 0))
         for path in self._streams.get(stream, []):
             array = self._array(path)
-            array.resize((self.stats.committed[stream], *array.shape[1:]))
+            # resize drops whole chunks only: cut rows sharing the last kept chunk become fill values,
+            # so a plain zarr reader never mistakes them for data when the array regrows.
+            end = min(array.shape[0], -(-keep // array.chunks[0]) * array.chunks[0])
+            if end > keep:
+                array[keep:end] = array.fill_value
+            array.resize((keep, *array.shape[1:]))
+            self._arrays.pop(path)
         self.root.attrs.update({"committed": self.stats.committed})
 
     def start(self) -> None:
@@ -216,14 +237,23 @@ class StoreWriter:
         """Write everything queued, set `status` (resizing arrays to committed on `complete`), release."""
         try:
             if self._thread is not None and self._thread.is_alive():
-                self._enqueue(_Finish(status, resize=status == "complete"))
-                self._enqueue(None)
+                # The thread drains the queue even after a failure, so these puts never hang.
+                self._enqueue(_Finish(status, resize=status == "complete"), check=False)
+                self._enqueue(None, check=False)
                 self._thread.join()
             elif self._error is None:
                 self._finish(_Finish(status, resize=status == "complete"))
+            if self._error is not None:
+                self._mark_failed()
             self._raise_if_failed()
         finally:
             self._lock.release()
+
+    def _mark_failed(self) -> None:
+        try:
+            self.root.attrs.update({"status": "failed", "finished": now()})
+        except Exception:  # noqa: BLE001, S110 - the disk may be full: committed counters still hold
+            pass
 
     def close_after_failure(self, status: str) -> None:
         """Best-effort close when training already failed: keep what is committed, never mask the error."""
@@ -232,9 +262,10 @@ class StoreWriter:
         except WriterError:
             self._lock.release()
 
-    def _enqueue(self, item: RowBlock | _Finish | None) -> None:
+    def _enqueue(self, item: RowBlock | _Finish | None, check: bool = True) -> None:
         while True:
-            self._raise_if_failed()
+            if check:
+                self._raise_if_failed()
             try:
                 self._queue.put(item, timeout=0.2)
                 return
@@ -280,7 +311,7 @@ class StoreWriter:
         if not blocks:
             return
         t0 = time.perf_counter()
-        writes = []
+        parts: dict[str, list[tuple[int, np.ndarray]]] = {}
         for block in blocks:
             stop = block.start + block.rows
             for path, values in block.arrays.items():
@@ -289,10 +320,11 @@ class StoreWriter:
                     grown = max(stop, array.shape[0] + schema.GROW_ROWS)
                     array.resize((grown, *array.shape[1:]))
                     self._arrays.pop(path)
-                    array = self._array(path)
-                writes.append(array.async_array.setitem(slice(block.start, stop), values))
+                parts.setdefault(path, []).append((block.start, values))
                 self.stats.bytes += values.nbytes
-        sync(_gather(writes))
+        # Arrays are written concurrently; the rows of one array in order, contiguous ones merged,
+        # because two writes into one chunk would each rewrite it and the last would win.
+        sync(_gather([_write_rows(self._array(path), rows) for path, rows in parts.items()]))
         for block in blocks:
             if block.checkpoint is not None:
                 self._write_checkpoint(block.checkpoint, block.checkpoint_step)
