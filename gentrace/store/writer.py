@@ -12,6 +12,7 @@ training thread at the next `put` or at `close`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import queue
@@ -250,10 +251,9 @@ class StoreWriter:
             self._lock.release()
 
     def _mark_failed(self) -> None:
-        try:
+        # The disk may be full: then the status stays as it was, and the committed counters still hold.
+        with contextlib.suppress(Exception):
             self.root.attrs.update({"status": "failed", "finished": now()})
-        except Exception:  # noqa: BLE001, S110 - the disk may be full: committed counters still hold
-            pass
 
     def close_after_failure(self, status: str) -> None:
         """Best-effort close when training already failed: keep what is committed, never mask the error."""
