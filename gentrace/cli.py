@@ -84,15 +84,15 @@ def record(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a model and stream its training dynamics into a Zarr store."""
-    from gentrace import run  # torch is imported only by the commands that need it
+    overrides = list(set_ or [])
+    if resume and config is None and overrides:
+        raise config_mod.ConfigError("--resume continues the stored config; --set cannot change it")
+    cfg = None if resume and config is None else config_mod.load(config, overrides)
+
+    from gentrace import run  # torch is imported only once the config is known to be good
 
     # A scheduler's SIGTERM (job time limit, preemption) ends the run like Ctrl-C: flushed, resumable.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-    overrides = list(set_ or [])
-    cfg = None if resume and config is None and not overrides else config_mod.load(config, overrides)
-    if resume and config is None and overrides:
-        raise config_mod.ConfigError("--resume continues the stored config; --set cannot change it")
     from gentrace.progress import TrainingProgress
     from gentrace.schedules import timeline
 

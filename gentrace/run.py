@@ -150,10 +150,14 @@ def _resume(cfg: RunConfig | None, path: Path, dev: torch.device, observers: Seq
         raise ConfigError(f"--resume: the config differs from the store's at {changed}; resume without a CONFIG")
     if reader.attrs.get("status") == "complete":
         return path
+    if stored.record.params.every_epochs == 0:
+        raise StoreError(
+            f"{path} records no parameter snapshots (record.params.every_epochs = 0), so it cannot be "
+            "resumed; record it again with --overwrite"
+        )
     if not reader.has("params") or reader.committed("params") == 0:
         raise StoreError(
-            f"{path} has no committed parameter snapshot to resume from "
-            "(record.params.every_epochs must be > 0); record it again with --overwrite"
+            f"{path} was stopped before its first parameter snapshot was committed; record it again with --overwrite"
         )
     trainer, recorder, _ = prepare(stored, dev)
     writer = open_for_resume(path)
@@ -188,9 +192,14 @@ def _train(trainer: Trainer, recorder: Recorder, writer: StoreWriter, observers:
         finally:
             writer.close_after_failure("interrupted")
         raise Interrupted(writer.path) from None
-    except BaseException as exc:
-        status = "diverged" if isinstance(exc, TrainingDiverged) else "failed"
-        writer.close_after_failure(status)
+    except TrainingDiverged:
+        try:
+            recorder.flush()  # the loss history up to the divergence is what a user looks at
+        finally:
+            writer.close_after_failure("diverged")
+        raise
+    except BaseException:
+        writer.close_after_failure("failed")
         raise
     writer.close("complete")
 

@@ -98,6 +98,11 @@ class StoreReader:
         skip = {f"{stream}/step", f"{stream}/epoch"}
         return [p[len(prefix) :] for p in self.streams().get(stream, []) if p not in skip]
 
+    def grad_tensor_names(self) -> list[str]:
+        """Tensor names with gradient moments (`grad/<tensor>/sum` ...), in recording order."""
+        suffix = "/sum"
+        return [p[len("grad/") : -len(suffix)] for p in self.streams().get("grad", []) if p.endswith(suffix)]
+
     # -- arrays -------------------------------------------------------------------------------
     def array(self, path: str) -> np.ndarray:
         """The committed rows of a stream array (or the whole of a static `data/` array)."""

@@ -191,6 +191,28 @@ def preds_stream(rows: int, replicates: int, split_sizes: Mapping[str, int], reg
     return StreamSpec("preds", rows, tuple(arrays))
 
 
+def grad_stream(rows: int, replicates: int, shapes: Mapping[str, Sequence[int]]) -> StreamSpec:
+    """`grad/`: per-sample gradient moments of every tensor at each recorded step (SPEC section 4).
+
+    grad/<tensor>/sum, sumsq [G, M, *shape] float32; grad/<tensor>/pos, neg [G, M, *shape] int32;
+    grad/step [G]; grad/n [G, M] int64 (samples); grad/loss_sum [G, M] float64 (summed sample losses).
+    """
+    arrays = [
+        _step("grad"),
+        ArraySpec("grad/n", (replicates,), "int64", "index"),
+        ArraySpec("grad/loss_sum", (replicates,), "float64", "float"),
+    ]
+    for tensor, shape in shapes.items():
+        row = (replicates, *shape)
+        arrays += [
+            ArraySpec(f"grad/{tensor}/sum", row, "float32", "float"),
+            ArraySpec(f"grad/{tensor}/sumsq", row, "float32", "float"),
+            ArraySpec(f"grad/{tensor}/pos", row, "int32", "count"),
+            ArraySpec(f"grad/{tensor}/neg", row, "int32", "count"),
+        ]
+    return StreamSpec("grad", rows, tuple(arrays))
+
+
 CHECKPOINT_GROUP = "checkpoints"
 
 

@@ -104,9 +104,12 @@ def create_store(
     lock = StoreLock(path)
     lock.acquire()
     try:
-        root = zarr.open_group(LocalStore(path), mode="a", zarr_format=3)
-        root.attrs.update(
-            {
+        # All attrs in the group's first write: a kill can never leave a bare, unclaimable zarr.json.
+        root = zarr.open_group(
+            LocalStore(path),
+            mode="a",
+            zarr_format=3,
+            attributes={
                 "writer_process": _process_name(),
                 "format": schema.FORMAT_NAME,
                 "schema_version": schema.SCHEMA_VERSION,
@@ -114,7 +117,7 @@ def create_store(
                 "status": "initializing",
                 "created": now(),
                 "committed": {},
-            }
+            },
         )
         for name, values in static.items():
             spec = schema.ArraySpec(name, values.shape[1:], values.dtype.name, "index", max(1, len(values)))

@@ -1,0 +1,67 @@
+"""nn.Conv2d: per-sample gradient moments from unfolded inputs, in chunks bounded in memory.
+
+For sample i the weight gradient is G_i = D_i U_i^T with U_i = unfold(a_i) [Cin/g * kh * kw, P]
+and D_i = delta_i [Cout, P] (P output positions), per group. It is formed for a chunk of samples
+at a time ([c, Cout, Cin/g * kh * kw], c chosen so a chunk stays under CHUNK_BYTES) and reduced
+at once into sum, sum of squares and sign counts, so no more than one chunk of per-sample
+gradients ever exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+# Per-sample gradients formed at once, at most (they are reduced right away).
+CHUNK_BYTES = 64 * 2**20
+
+
+def chunk_size(per_sample_numel: int, itemsize: int = 4) -> int:
+    """Samples per chunk so that a chunk of per-sample gradients stays under CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // max(1, per_sample_numel * itemsize))
+
+
+def chunked_moments(make: Callable[[int, int], torch.Tensor], n: int, per_sample_numel: int | None = None) -> Stats:
+    """Reduce per-sample gradients `make(lo, hi)` [hi - lo, *shape] chunk by chunk into moments."""
+    first = make(0, min(n, 1))
+    step = chunk_size(per_sample_numel or first[0].numel(), first.element_size())
+    s = first.sum(0, dtype=torch.float64)
+    sq = first.square().sum(0, dtype=torch.float64)
+    pos, neg = (first > 0).sum(0), (first < 0).sum(0)
+    for lo in range(1, n, step):
+        g = make(lo, min(n, lo + step))
+        s += g.sum(0, dtype=torch.float64)
+        sq += g.square().sum(0, dtype=torch.float64)
+        pos += (g > 0).sum(0)
+        neg += (g < 0).sum(0)
+    return s, sq, pos, neg
+
+
+def moments(module: nn.Module, a: torch.Tensor, delta: torch.Tensor) -> dict[str, Stats]:
+    """Moments of `weight` (and `bias`) of an nn.Conv2d from input a [B, Cin, H, W] and delta [B, Cout, H', W']."""
+    assert isinstance(module, nn.Conv2d)
+    padding = module.padding
+    # engine.rule_for sends string and non-zero padding modes to the fallback
+    assert not isinstance(padding, str)
+    assert module.padding_mode == "zeros"
+    weight = module.weight
+    groups = module.groups
+    cout, cin_g, kh, kw = weight.shape
+    d = delta.flatten(2)  # [B, Cout, P]
+
+    def per_sample(lo: int, hi: int) -> torch.Tensor:
+        u = F.unfold(a[lo:hi], (kh, kw), dilation=module.dilation, padding=padding, stride=module.stride)
+        u = u.view(hi - lo, groups, cin_g * kh * kw, -1)  # [c, g, Cin/g*kh*kw, P]
+        dd = d[lo:hi].view(hi - lo, groups, cout // groups, -1)  # [c, g, Cout/g, P]
+        return (dd @ u.transpose(-1, -2)).reshape(hi - lo, cout, cin_g, kh, kw)
+
+    out = {"weight": chunked_moments(per_sample, len(a), weight.numel())}
+    if module.bias is not None:
+        b = d.sum(2)  # [B, Cout]: per-sample bias gradient sums the output positions
+        out["bias"] = (b.sum(0), b.square().sum(0), (b > 0).sum(0), (b < 0).sum(0))
+    return out

@@ -1,0 +1,162 @@
+"""Hooks that feed each parameterized module's input and output gradient to its moment routine.
+
+The results are accumulated per parameter (SPEC section 4).
+
+A forward hook saves a module's inputs and registers a hook on its output tensor; in backward
+that hook receives delta, the gradient of the loss with respect to the output. With a summed
+loss delta[i] is exactly the output gradient of sample i's own loss; with a mean loss over B
+samples it is that divided by B, which `scale` undoes. (A tensor hook, unlike a full module
+backward hook, survives torchvision's in-place `out += identity`: it sees the gradient of the
+value before the in-place op, which is the same.) Modules that reuse their parameters within one
+forward pass (a per-sample gradient would need the sum over calls before squaring) are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gentrace.moments import batchnorm, conv, fallback, linear
+from gentrace.moments.accumulator import Moments, TensorMoments
+
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Rule = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], dict[str, Stats]]
+
+# module type -> moment routine; anything else with parameters goes to the torch.func fallback.
+RULES: dict[type[nn.Module], Rule] = {
+    nn.Linear: lambda m, inputs, d: linear.moments(m, inputs[0], d),
+    nn.Conv2d: lambda m, inputs, d: conv.moments(m, inputs[0], d),
+    nn.BatchNorm1d: batchnorm.moments,
+    nn.BatchNorm2d: batchnorm.moments,
+    nn.BatchNorm3d: batchnorm.moments,
+}
+
+
+def rule_for(module: nn.Module) -> Rule:
+    """The moment routine for a module (exact type match, so subclasses get the safe fallback)."""
+    rule = RULES.get(type(module))
+    if type(module) is nn.Conv2d and (isinstance(module.padding, str) or module.padding_mode != "zeros"):
+        return fallback.moments
+    return rule or fallback.moments
+
+
+class MomentsEngine:
+    """Per-sample gradient moments of every trainable parameter of one model.
+
+    Usage: handles = engine.install(); engine.begin(scale); <forward + backward>...; m = engine.end().
+    """
+
+    def __init__(self, model: nn.Module, names: set[str] | None = None) -> None:
+        self.modules: dict[str, nn.Module] = {}
+        for prefix, module in model.named_modules():
+            own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if own and (names is None or any(_join(prefix, n) in names for n in own)):
+                self.modules[prefix] = module
+        self.names = names
+        self.scale = 1.0
+        self.active = False
+        self.moments = Moments()
+        self._inputs: dict[str, tuple[Any, ...]] = {}
+
+    def install(self) -> list[RemovableHandle]:
+        """Register the forward hooks; remove the returned handles to uninstall."""
+        return [m.register_forward_hook(self._forward_hook(prefix)) for prefix, m in self.modules.items()]
+
+    def begin(self, scale: float = 1.0) -> None:
+        """Start accumulating; `scale` turns the output gradient into a per-sample loss's gradient."""
+        self.scale = scale
+        self.active = True
+
+    def end(self) -> Moments:
+        """Stop and hand over the accumulated moments (the engine starts empty again)."""
+        self.active = False
+        self._inputs.clear()
+        out, self.moments = self.moments, Moments()
+        return out
+
+    def add_samples(self, n: int, loss_sum: float) -> None:
+        """Count samples and their summed loss into the current accumulation."""
+        self.moments.n += n
+        self.moments.loss_sum += loss_sum
+
+    def _forward_hook(self, prefix: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if not self.active or not torch.is_grad_enabled():
+                return
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            if prefix in self._inputs:
+                raise RuntimeError(
+                    f"module {prefix or type(module).__name__} ran twice in one forward pass; per-sample "
+                    "gradient moments of parameters used more than once are not supported"
+                )
+            self._inputs[prefix] = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs)
+            output.register_hook(self._backward_hook(prefix, module))
+
+        return hook
+
+    def _backward_hook(self, prefix: str, module: nn.Module) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            inputs = self._inputs.pop(prefix)
+            delta = grad.detach() * self.scale if self.scale != 1.0 else grad.detach()
+            # The fallback runs the module again (torch.func): its own forward hook must stay quiet.
+            self.active = False
+            try:
+                with torch.no_grad():
+                    results = rule_for(module)(module, inputs, delta)
+            finally:
+                self.active = True
+            for name, stats in results.items():
+                full = _join(prefix, name)
+                if self.names is not None and full not in self.names:
+                    continue
+                acc = self.moments.tensors.get(full)
+                if acc is None:
+                    acc = self.moments.tensors[full] = TensorMoments.zeros(stats[0].shape, stats[0].device)
+                acc.add(*stats)
+
+        return hook
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def backward_for_moments(engine: MomentsEngine, model: nn.Module, loss: torch.Tensor, x: torch.Tensor) -> None:
+    """Backpropagate `loss` so every hooked module sees its output gradient, computing no weight gradient.
+
+    Differentiating with respect to a float input (a leaf made here) rather than the parameters
+    skips the weight-gradient GEMMs autograd would otherwise do: the moments replace them.
+    """
+    if x.requires_grad and x.is_leaf and x.is_floating_point():
+        torch.autograd.grad(loss, [x])
+        return
+    params = [p for m in engine.modules.values() for p in m.parameters(recurse=False) if p.requires_grad]
+    torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def probe_moments(
+    engine: MomentsEngine,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    per_sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch_size: int = 256,
+) -> Moments:
+    """Moments over the samples x [n, ...], y [n] in batches (the result does not depend on batch_size).
+
+    The engine's hooks must be installed. Each batch uses the summed loss, so delta needs no scaling.
+    """
+    engine.begin(scale=1.0)
+    for lo in range(0, len(x), batch_size):
+        xb = x[lo : lo + batch_size]
+        if xb.is_floating_point():
+            xb = xb.detach().requires_grad_(True)
+        losses = per_sample_loss(model(xb), y[lo : lo + batch_size])
+        engine.add_samples(len(xb), float(losses.detach().sum()))
+        backward_for_moments(engine, model, losses.sum(), xb)
+    return engine.end()

@@ -1,0 +1,57 @@
+"""nn.Linear: per-sample gradient moments from GEMMs (SPEC section 4; GSNR paper eq. 2).
+
+For a sample i with input a_i [in] and output gradient delta_i [out], the weight gradient is the
+outer product g_i = delta_i a_i^T, so with A [B, in] and D [B, out]:
+
+    sum   = D^T A                          sumsq = (D^2)^T (A^2)
+    pos - neg = sign(D)^T sign(A)          pos + neg = |sign(D)|^T |sign(A)|
+
+(sign(g) = sign(delta) sign(a) elementwise). After a ReLU (A >= 0) sign(A) = |sign(A)| and the two
+count GEMMs become one with the left operands stacked. Inputs with extra dims ([B, T, in]) are not
+outer products per sample and go through the chunked path of `conv.per_sample_moments`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gentrace.moments.conv import chunked_moments
+
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def bias_moments(delta: torch.Tensor) -> Stats:
+    """Moments of a bias whose per-sample gradient is delta [B, out] itself."""
+    return delta.sum(0), delta.square().sum(0), (delta > 0).sum(0), (delta < 0).sum(0)
+
+
+def weight_moments(a: torch.Tensor, delta: torch.Tensor) -> Stats:
+    """Moments of W for a [B, in], delta [B, out]: four [out, in] tensors (counts as float, exact)."""
+    s = delta.T @ a
+    sq = delta.square().T @ a.square()
+    sign_d = delta.sign()
+    if bool((a >= 0).all()):
+        # One GEMM for both counts: [sign(D) | |sign(D)|]^T [A > 0].
+        both = torch.cat([sign_d, sign_d.abs()], dim=1).T @ (a > 0).to(a.dtype)
+        diff, nonzero = both.split(delta.shape[1])
+    else:
+        sign_a = a.sign()
+        diff, nonzero = sign_d.T @ sign_a, sign_d.abs().T @ sign_a.abs()
+    return s, sq, (nonzero + diff) / 2, (nonzero - diff) / 2
+
+
+def moments(module: nn.Module, a: torch.Tensor, delta: torch.Tensor) -> dict[str, Stats]:
+    """Moments of `weight` (and `bias`) of an nn.Linear from its input and per-sample output gradient."""
+    assert isinstance(module, nn.Linear)
+    if a.dim() == 2:
+        out = {"weight": weight_moments(a, delta)}
+        if module.bias is not None:
+            out["bias"] = bias_moments(delta)
+        return out
+    # [B, *, in]: per-sample gradient sum_t delta_it a_it^T, formed in chunks of samples.
+    a3, d3 = a.flatten(1, -2), delta.flatten(1, -2)  # [B, T, in], [B, T, out]
+    out = {"weight": chunked_moments(lambda lo, hi: d3[lo:hi].transpose(1, 2) @ a3[lo:hi], len(a3))}
+    if module.bias is not None:
+        out["bias"] = bias_moments(d3.sum(1))
+    return out
