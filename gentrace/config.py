@@ -122,6 +122,23 @@ class PredictionsRecord:
 
 
 @dataclass(frozen=True)
+class GradMomentsRecord:
+    """`record.grad_moments`: per-sample gradient moments (sum, sum of squares, sign counts) of every tensor.
+
+    Recorded at steps 0, N, 2N, ... (`every_steps`) and/or at the end of every N-th epoch
+    (`every_epochs`); 0 turns a cadence off. `source = "probe"`: an extra pass in eval mode over the
+    replicate's training set (its first `samples` samples when > 0) with the parameters of that
+    step. `source = "train-batches"`: accumulated from the training mini-batches since the
+    previous row, no extra pass.
+    """
+
+    every_steps: int = field(default=0, metadata=_check(0))
+    every_epochs: int = field(default=1, metadata=_check(0))
+    source: Literal["probe", "train-batches"] = "probe"
+    samples: int = field(default=0, metadata=_check(0))
+
+
+@dataclass(frozen=True)
 class RecordConfig:
     """`[record]`: what is streamed into the store, and how often.
 
@@ -135,6 +152,7 @@ class RecordConfig:
     params: ParamsRecord = ParamsRecord()
     params_fine: ParamsFineRecord = ParamsFineRecord()
     predictions: PredictionsRecord = PredictionsRecord()
+    grad_moments: GradMomentsRecord = GradMomentsRecord()
 
 
 @dataclass(frozen=True)
@@ -181,6 +199,7 @@ checkpoint_every_s = 30.0
 params = { every_epochs = 1, names = "all" }
 params_fine = { every_steps = 1, names = ["first_layer.bias"] }
 predictions = { every_epochs = 1, splits = ["train", "test"] }
+grad_moments = { every_steps = 0, every_epochs = 1, source = "probe", samples = 0 }
 """
 
 
@@ -402,6 +421,16 @@ def _validate_cross_fields(cfg: RunConfig) -> None:
         raise ConfigError("model.hidden is empty; give at least one width, for example [128]")
     if any(width < 1 for width in cfg.model.hidden):
         raise ConfigError(f"model.hidden = {list(cfg.model.hidden)} is impossible; every width must be >= 1")
+    grad = cfg.record.grad_moments
+    if grad.samples > data.n_train:
+        raise ConfigError(
+            f"record.grad_moments.samples = {grad.samples} exceeds data.n_train = {data.n_train}; "
+            "use at most n_train (0 = all)"
+        )
+    if grad.source == "train-batches" and grad.samples:
+        raise ConfigError(
+            "record.grad_moments.samples applies to source = 'probe' only; train-batches uses every batch"
+        )
     if not cfg.name.strip() or "/" in cfg.name:
         raise ConfigError(f"name = {cfg.name!r} must be a non-empty word without '/' (it names the default store)")
 

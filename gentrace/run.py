@@ -89,7 +89,9 @@ def prepare(cfg: RunConfig, device: torch.device) -> tuple[Trainer, Recorder, Da
     on_device = _to_device(data, device)
     trainer = Trainer(cfg, on_device, models)
     ctx = RunContext(cfg, on_device, models, trainer.loss, trainer.timeline, device, trainer.checkpoint)
-    return trainer, Recorder(ctx), data
+    recorder = Recorder(ctx)
+    ctx.checkpoint = lambda: trainer.checkpoint(extra={"probes": recorder.state()})
+    return trainer, recorder, data
 
 
 def _attrs(cfg: RunConfig, trainer: Trainer, data: Dataset, device: torch.device) -> dict[str, object]:
@@ -172,7 +174,8 @@ def _resume(cfg: RunConfig | None, path: Path, dev: torch.device, observers: Seq
             writer.truncate(stream, rows)
         writer.declare(recorder.streams())
         writer.prune_checkpoints(keep_step=last)
-        trainer.restore(reader.checkpoint(last))
+        extra = trainer.restore(reader.checkpoint(last))
+        recorder.load_state(extra.get("probes", {}))
     except BaseException:
         writer.close_after_failure("failed")
         raise

@@ -76,9 +76,10 @@ class Trainer:
         return torch.stack(perms).to(self.data.x_train.device)
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def checkpoint(self) -> bytes:
-        """Model, optimizer and RNG state at the current step, serialized."""
+    def checkpoint(self, extra: dict[str, Any] | None = None) -> bytes:
+        """Model, optimizer and RNG state at the current step (plus `extra`, e.g. probe state), serialized."""
         state: dict[str, Any] = {
+            "extra": extra or {},
             "step": self.step,
             "epoch": self.epoch,
             "models": [model.state_dict() for model in self.models],
@@ -90,8 +91,8 @@ class Trainer:
         torch.save(state, buffer)
         return buffer.getvalue()
 
-    def restore(self, payload: bytes) -> None:
-        """Continue from a checkpoint written by `checkpoint`."""
+    def restore(self, payload: bytes) -> dict[str, Any]:
+        """Continue from a checkpoint written by `checkpoint`; returns its `extra`."""
         state = torch.load(io.BytesIO(payload), map_location=self.data.x_train.device, weights_only=False)
         for model, model_state in zip(self.models, state["models"], strict=True):
             model.load_state_dict(model_state)
@@ -101,6 +102,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.restored = True
+        return dict(state.get("extra", {}))
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self, recorder: Recorder, observers: Sequence[StepObserver] = ()) -> None:
@@ -135,7 +137,7 @@ class Trainer:
                         f"the loss became {summary[0][bad]} at step {self.step} (replicate {bad}); "
                         f"lower train.lr (now {lr:g})"
                     )
-                info = StepInfo(self.step, epoch, lr, summary[0], summary[1])
+                info = StepInfo(self.step, epoch, lr, summary[0], summary[1], idx.shape[1])
                 recorder.after_step(info)
                 for observer in observers:
                     observer.on_step(info)

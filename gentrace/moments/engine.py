@@ -4,8 +4,8 @@ The results are accumulated per parameter (SPEC section 4).
 
 A forward hook saves a module's inputs and registers a hook on its output tensor; in backward
 that hook receives delta, the gradient of the loss with respect to the output. With a summed
-loss delta[i] is exactly the output gradient of sample i's own loss; with a mean loss over B
-samples it is that divided by B, which `scale` undoes. (A tensor hook, unlike a full module
+loss delta[i] is exactly the output gradient of sample i's own loss; with a mean loss over a
+batch of B samples it is that divided by B, which `begin(mean_loss=True)` undoes. (A tensor hook, unlike a full module
 backward hook, survives torchvision's in-place `out += identity`: it sees the gradient of the
 value before the in-place op, which is the same.) Modules that reuse their parameters within one
 forward pass (a per-sample gradient would need the sum over calls before squaring) are refused.
@@ -47,7 +47,7 @@ def rule_for(module: nn.Module) -> Rule:
 class MomentsEngine:
     """Per-sample gradient moments of every trainable parameter of one model.
 
-    Usage: handles = engine.install(); engine.begin(scale); <forward + backward>...; m = engine.end().
+    Usage: handles = engine.install(); engine.begin(); <forward + backward>...; m = engine.end().
     """
 
     def __init__(self, model: nn.Module, names: set[str] | None = None) -> None:
@@ -57,7 +57,7 @@ class MomentsEngine:
             if own and (names is None or any(_join(prefix, n) in names for n in own)):
                 self.modules[prefix] = module
         self.names = names
-        self.scale = 1.0
+        self.mean_loss = False
         self.active = False
         self.moments = Moments()
         self._inputs: dict[str, tuple[Any, ...]] = {}
@@ -66,9 +66,9 @@ class MomentsEngine:
         """Register the forward hooks; remove the returned handles to uninstall."""
         return [m.register_forward_hook(self._forward_hook(prefix)) for prefix, m in self.modules.items()]
 
-    def begin(self, scale: float = 1.0) -> None:
-        """Start accumulating; `scale` turns the output gradient into a per-sample loss's gradient."""
-        self.scale = scale
+    def begin(self, mean_loss: bool = False) -> None:
+        """Start accumulating; `mean_loss`: the backward pass is of the batch mean, not the sum, of sample losses."""
+        self.mean_loss = mean_loss
         self.active = True
 
     def end(self) -> Moments:
@@ -102,7 +102,7 @@ class MomentsEngine:
     def _backward_hook(self, prefix: str, module: nn.Module) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             inputs = self._inputs.pop(prefix)
-            delta = grad.detach() * self.scale if self.scale != 1.0 else grad.detach()
+            delta = grad.detach() * len(grad) if self.mean_loss else grad.detach()
             # The fallback runs the module again (torch.func): its own forward hook must stay quiet.
             self.active = False
             try:
@@ -112,7 +112,7 @@ class MomentsEngine:
                 self.active = True
             for name, stats in results.items():
                 full = _join(prefix, name)
-                if self.names is not None and full not in self.names:
+                if (self.names is not None and full not in self.names) or not getattr(module, name).requires_grad:
                     continue
                 acc = self.moments.tensors.get(full)
                 if acc is None:
@@ -151,7 +151,7 @@ def probe_moments(
 
     The engine's hooks must be installed. Each batch uses the summed loss, so delta needs no scaling.
     """
-    engine.begin(scale=1.0)
+    engine.begin()
     for lo in range(0, len(x), batch_size):
         xb = x[lo : lo + batch_size]
         if xb.is_floating_point():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ class RunContext:
         loss: the resolved loss name.
         timeline: the step grid.
         device: where the models live.
-        checkpoint: serializes model, optimizer and RNG state (for resume) when called.
+        checkpoint: serializes model, optimizer, RNG and probe state (for resume) when called.
     """
 
     cfg: RunConfig
@@ -49,13 +50,14 @@ class RunContext:
 
 @dataclass(frozen=True)
 class StepInfo:
-    """One optimizer step's host-side summary: lr used, batch_loss [M], batch_error [M]."""
+    """One optimizer step's host-side summary: lr used, batch_loss [M], batch_error [M] (batch means)."""
 
     step: int
     epoch: int
     lr: float
     batch_loss: np.ndarray
     batch_error: np.ndarray
+    batch_size: int = 0
 
 
 class Probe:
@@ -87,6 +89,13 @@ class Probe:
     def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:
         """Called at step 0 and after every optimizer step, after `after_step` of every probe."""
         return ()
+
+    def state(self) -> dict[str, Any] | None:
+        """State a resumed run needs beyond the model and optimizer (saved in every checkpoint)."""
+        return None
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what `state` returned."""
 
     def checkpoint_due(self, step: int) -> bool:
         """Whether this probe writes a resume checkpoint at `step` (the recorder flushes every buffer first)."""

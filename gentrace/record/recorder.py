@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from types import TracebackType
+from typing import Any
 
 from torch.utils.hooks import RemovableHandle
 
 from gentrace.record.base import Probe, RunContext, StepInfo
 from gentrace.record.evaluator import Evaluator
+from gentrace.record.grad_moments import grad_moments_probe
 from gentrace.record.metrics import MetricsProbe
 from gentrace.record.metrics_fine import MetricsFineProbe
 from gentrace.record.params import params_fine_probe, params_probe
@@ -29,6 +31,7 @@ PROBES: dict[str, ProbeFactory] = {
     "metrics_fine": lambda ctx, ev: MetricsFineProbe(ctx),
     "metrics": lambda ctx, ev: MetricsProbe(ctx, ev),
     "preds": lambda ctx, ev: PredictionsProbe(ctx, ev) if ctx.cfg.record.predictions.every_epochs else None,
+    "grad": lambda ctx, ev: grad_moments_probe(ctx),
     "params_fine": lambda ctx, ev: params_fine_probe(ctx),
     "params": lambda ctx, ev: params_probe(ctx),
 }
@@ -48,6 +51,17 @@ class Recorder:
     def streams(self) -> list[StreamSpec]:
         """Every stream the probes write, preallocated."""
         return [stream for probe in self.probes for stream in probe.streams()]
+
+    def state(self) -> dict[str, Any]:
+        """Probe states for a checkpoint: probe name -> state."""
+        states = {probe.name: probe.state() for probe in self.probes}
+        return {name: state for name, state in states.items() if state is not None}
+
+    def load_state(self, states: dict[str, Any]) -> None:
+        """Restore probe states saved by `state`."""
+        for probe in self.probes:
+            if probe.name in states:
+                probe.load_state(states[probe.name])
 
     def resume(self, rows: dict[str, int]) -> None:
         """Tell every probe how many rows of its streams are kept."""

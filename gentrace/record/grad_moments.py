@@ -1,0 +1,138 @@
+"""Probe `grad`: per-sample gradient moments of every trainable tensor of every replicate.
+
+SPEC section 4; GSNR paper (Liu et al. 2020) section 2, eq. 2: the GSNR of parameter q is
+k_q^2 / rho_q^2, the squared mean over the per-sample variance of its gradient, so a row stores
+sum_i g_iq, sum_i g_iq^2 and the sign counts over a sample set, from which every analysis follows.
+
+- `source = "probe"`: at each recorded step (parameters as they are before that step's update),
+  one extra pass in eval mode over the replicate's training set, or its first `samples` samples
+  (the training subsets are random draws from the pool, so these are a random subset too).
+- `source = "train-batches"`: hooks accumulate the moments of the training mini-batches
+  themselves (mean loss, rescaled to per-sample losses) between recorded steps, no extra pass;
+  a row at step s covers the batches of steps (previous row, s], each at its own parameters.
+
+Frozen tensors (model.freeze) have no moments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from torch.utils.hooks import RemovableHandle
+
+from gentrace.losses import per_sample_loss
+from gentrace.moments.accumulator import Moments
+from gentrace.moments.engine import MomentsEngine, probe_moments
+from gentrace.record.base import Probe, RunContext, StepInfo
+from gentrace.schedules import every_epochs, every_steps
+from gentrace.store import schema
+from gentrace.store.writer import RowBlock
+
+# Samples per forward/backward of the probe pass (the moments do not depend on it).
+PROBE_BATCH = 256
+
+
+class GradMomentsProbe(Probe):
+    """Writes `grad/<tensor>/{sum,sumsq,pos,neg}` [G, M, *shape], `grad/step` [G], `grad/n`, `grad/loss_sum` [G, M]."""
+
+    name = "grad"
+
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
+        rec = ctx.cfg.record.grad_moments
+        self.source = rec.source
+        steps = set(every_steps(rec.every_steps, ctx.timeline)) | set(every_epochs(rec.every_epochs, ctx.timeline))
+        if self.source == "train-batches":
+            steps.discard(0)  # no batch has been seen at initialization
+        self.steps = steps
+        self.samples = rec.samples or ctx.cfg.data.n_train
+        self.engines = [MomentsEngine(model) for model in ctx.models]
+        self.shapes = {n: tuple(p.shape) for n, p in ctx.models[0].named_parameters() if p.requires_grad}
+        self._loss = per_sample_loss(ctx.loss)
+        self._seen = np.zeros(len(ctx.models), np.int64)
+        self._loss_sum = np.zeros(len(ctx.models), np.float64)
+
+    def streams(self) -> list[schema.StreamSpec]:
+        """One `grad` stream with a row per recorded step."""
+        return [schema.grad_stream(len(self.steps), len(self.ctx.models), self.shapes)]
+
+    def install(self) -> list[RemovableHandle]:
+        """Hooks on every parameterized module; train-batches starts accumulating at once."""
+        handles = [h for engine in self.engines for h in engine.install()]
+        if self.source == "train-batches":
+            for engine in self.engines:
+                engine.begin(mean_loss=True)
+        return handles
+
+    def after_step(self, info: StepInfo) -> Iterable[RowBlock]:
+        """train-batches: count the batch's samples and summed loss."""
+        if self.source == "train-batches":
+            self._seen += info.batch_size
+            self._loss_sum += info.batch_loss.astype(np.float64) * info.batch_size
+        return ()
+
+    def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:
+        """At a recorded step: a probe pass per replicate, or the moments accumulated since the last row."""
+        if step not in self.steps:
+            return
+        if self.source == "probe":
+            per_replicate = [self._probe_pass(m) for m in range(len(self.engines))]
+        else:
+            per_replicate = [engine.end() for engine in self.engines]
+            for m, moments in enumerate(per_replicate):
+                moments.n, moments.loss_sum = int(self._seen[m]), float(self._loss_sum[m])
+                self.engines[m].begin(mean_loss=True)
+            self._seen[:] = 0
+            self._loss_sum[:] = 0.0
+        yield RowBlock(self.name, self.take_row(self.name), self._row(step, per_replicate))
+
+    def state(self) -> dict[str, Any] | None:
+        """train-batches: the moments accumulated since the last row (a resumed run continues them)."""
+        if self.source != "train-batches":
+            return None
+        return {"moments": [e.moments for e in self.engines], "seen": self._seen.copy(), "loss": self._loss_sum.copy()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue the accumulation saved by `state`."""
+        for engine, moments in zip(self.engines, state["moments"], strict=True):
+            engine.moments = moments
+        self._seen, self._loss_sum = state["seen"], state["loss"]
+
+    def _probe_pass(self, m: int) -> Moments:
+        model = self.ctx.models[m]
+        x = self.ctx.data.x_train[m][: self.samples]
+        y = self.ctx.data.y_train[m][: self.samples]
+        was_training = model.training
+        model.eval()
+        try:
+            return probe_moments(self.engines[m], model, x, y, self._loss, PROBE_BATCH)
+        finally:
+            model.train(was_training)
+
+    def _row(self, step: int, per_replicate: list[Moments]) -> dict[str, np.ndarray]:
+        row: dict[str, np.ndarray] = {
+            "grad/step": np.array([step], np.int64),
+            "grad/n": np.array([[m.n for m in per_replicate]], np.int64),
+            "grad/loss_sum": np.array([[m.loss_sum for m in per_replicate]], np.float64),
+        }
+        for name, shape in self.shapes.items():
+            stats = [m.tensors.get(name) for m in per_replicate]
+            for field in ("sum", "sumsq", "pos", "neg"):
+                dtype = np.float32 if field in ("sum", "sumsq") else np.int32
+                values = [
+                    getattr(s, field).to("cpu").numpy().astype(dtype) if s is not None else np.zeros(shape, dtype)
+                    for s in stats
+                ]
+                row[f"grad/{name}/{field}"] = np.stack(values)[None]
+        return row
+
+
+def grad_moments_probe(ctx: RunContext) -> GradMomentsProbe | None:
+    """`record.grad_moments`, or None when both cadences are 0."""
+    rec = ctx.cfg.record.grad_moments
+    if rec.every_steps == 0 and rec.every_epochs == 0:
+        return None
+    probe = GradMomentsProbe(ctx)
+    return probe if probe.steps else None
