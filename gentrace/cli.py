@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
 from gentrace import config as config_mod
-from gentrace.errors import GentraceError
+from gentrace.analyze_cli import analyze_app, plot_app
+from gentrace.cli_errors import error_line as _err
+from gentrace.cli_errors import user_errors
 from gentrace.store.reader import StoreReader
 
 app = typer.Typer(
@@ -28,8 +28,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:
@@ -45,24 +43,6 @@ def _usage_error_types() -> tuple[type[Exception], ...]:
     except ImportError:
         pass
     return tuple(found)
-
-
-def _err(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-
-
-def user_errors(fn: F) -> F:
-    """Turn GentraceError into one stderr line and its exit code."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except GentraceError as exc:
-            _err(str(exc))
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 @app.command()
@@ -144,6 +124,10 @@ def info(
 
     summary = summarize(StoreReader(store))
     typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
+
+
+app.add_typer(analyze_app, name="analyze")
+app.add_typer(plot_app, name="plot")
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from gentrace.config import ModelConfig
 from gentrace.models import build_model
-from gentrace.moments.accumulator import Moments, TensorMoments
+from gentrace.moments.accumulator import Moments, TensorMoments, stats_of
 from gentrace.moments.engine import MomentsEngine, backward_for_moments, probe_moments
 
 
@@ -124,9 +124,12 @@ def test_moments_equal_one_backward_per_sample(case: Case, reduction: str, n: in
     handles = engine.install()
     try:
         engine.begin(mean_loss=reduction == "mean")
-        xb = x.detach().requires_grad_(True) if x.is_floating_point() else x
-        losses = _loss(model(xb), y)
-        backward_for_moments(engine, model, losses.sum() if reduction == "sum" else losses.mean(), xb)
+        losses = _loss(model(x), y)
+        loss = losses.sum() if reduction == "sum" else losses.mean()
+        if reduction == "sum":
+            backward_for_moments(engine, loss)
+        else:  # the training path: an ordinary backward of a mean loss
+            loss.backward()
         moments = engine.end()
     finally:
         for handle in handles:
@@ -204,12 +207,17 @@ def test_module_called_twice_is_refused() -> None:
 
 
 # -- accumulators merge associatively (multi-process all-reduce and resume rely on it) ----------
-def _random_moments(seed: int, shape: tuple[int, ...]) -> Moments:
+def _grads(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     grads = torch.randn((5, *shape), generator=g, dtype=torch.float64)
     grads[grads.abs() < 0.3] = 0.0
+    return grads
+
+
+def _random_moments(seed: int, shape: tuple[int, ...]) -> Moments:
+    grads = _grads(seed, shape)
     acc = TensorMoments.zeros(shape, torch.device("cpu"))
-    acc.add(*moments_of(grads))
+    acc.add(stats_of(grads))
     return Moments({"w": acc}, n=5, loss_sum=float(seed))
 
 
@@ -231,6 +239,7 @@ def test_merge_is_associative_and_equals_one_shot(seeds: list[int], shape: tuple
     one_shot = TensorMoments.zeros(shape, torch.device("cpu"))
     for m in (a, b, c):
         t = m.tensors["w"]
-        one_shot.add(t.sum, t.sumsq, t.pos, t.neg)
+        one_shot.add((t.sum, t.sumsq, t.sign_sum, t.nonzero))
     torch.testing.assert_close(one_shot.sum, left.tensors["w"].sum)
     assert torch.equal(one_shot.neg, left.tensors["w"].neg)
+    assert torch.equal(one_shot.pos, (moments_of(torch.cat([_grads(s, shape) for s in seeds]))[2]))

@@ -569,7 +569,11 @@ def _fail_writes_with_enospc(monkeypatch: pytest.MonkeyPatch, root: Path) -> Non
     async def no_space(self: zarr.core.array.AsyncArray, *args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(root / self.path))
 
+    def no_space_file(self: Path, *args: Any, **kwargs: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
     monkeypatch.setattr(zarr.core.array.AsyncArray, "setitem", no_space)
+    monkeypatch.setattr(Path, "write_bytes", no_space_file)  # the writer's direct whole-row chunk path
 
 
 def test_writer_failure_is_raised_at_the_next_put(

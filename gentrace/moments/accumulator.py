@@ -1,8 +1,10 @@
-"""Moment accumulators: float64 sums and int64 counts that merge associatively.
+"""Moment accumulators: float64 sums and sign counts that merge associatively.
 
 Float64 because a sum of g^2 over tens of thousands of samples loses digits in float32; the store
-keeps float32/int32. `merge` is what multi-process all-reduce and resumed accumulation rely on:
-merging the moments of disjoint sample sets equals accumulating over their union.
+keeps float32/int32. Counts are kept as sign_sum = pos - neg and nonzero = pos + neg (exact
+integers in float64), the two quantities the Linear rule gets from its GEMMs, so adding a batch is
+one in-place kernel per accumulator. `merge` is what multi-process all-reduce and resumed
+accumulation rely on: merging the moments of disjoint sample sets equals accumulating over their union.
 """
 
 from __future__ import annotations
@@ -10,6 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+# (sum, sumsq, sign_sum, nonzero) of one batch, any float dtype; counts integer-valued.
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def stats_of(g: torch.Tensor) -> Stats:
+    """Moments of explicit per-sample gradients g [c, *shape] (the chunked rules)."""
+    sign = g.sign()
+    return g.sum(0, dtype=torch.float64), g.square().sum(0, dtype=torch.float64), sign.sum(0), sign.abs().sum(0)
 
 
 @dataclass
@@ -19,32 +30,44 @@ class TensorMoments:
     Attributes:
         sum: [*shape] float64, sum_i g_i.
         sumsq: [*shape] float64, sum_i g_i^2.
-        pos: [*shape] int64, #{i : g_i > 0}.
-        neg: [*shape] int64, #{i : g_i < 0}.
+        sign_sum: [*shape] float64, #{g_i > 0} - #{g_i < 0}.
+        nonzero: [*shape] float64, #{g_i != 0}.
     """
 
     sum: torch.Tensor
     sumsq: torch.Tensor
-    pos: torch.Tensor
-    neg: torch.Tensor
+    sign_sum: torch.Tensor
+    nonzero: torch.Tensor
 
     @classmethod
     def zeros(cls, shape: torch.Size | tuple[int, ...], device: torch.device) -> TensorMoments:
         """Empty accumulator for a tensor of `shape`."""
         f = torch.zeros(shape, dtype=torch.float64, device=device)
-        i = torch.zeros(shape, dtype=torch.int64, device=device)
-        return cls(f, f.clone(), i, i.clone())
+        return cls(f, f.clone(), f.clone(), f.clone())
 
-    def add(self, s: torch.Tensor, sq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> None:
-        """Add one batch's moments (any float dtype for the sums, exact integer-valued counts)."""
-        self.sum += s.to(torch.float64)
-        self.sumsq += sq.to(torch.float64)
-        self.pos += pos.round().to(torch.int64) if pos.is_floating_point() else pos.to(torch.int64)
-        self.neg += neg.round().to(torch.int64) if neg.is_floating_point() else neg.to(torch.int64)
+    @property
+    def pos(self) -> torch.Tensor:
+        """#{i : g_i > 0} [*shape] int64."""
+        return ((self.nonzero + self.sign_sum) / 2).round().to(torch.int64)
+
+    @property
+    def neg(self) -> torch.Tensor:
+        """#{i : g_i < 0} [*shape] int64."""
+        return ((self.nonzero - self.sign_sum) / 2).round().to(torch.int64)
+
+    def add(self, stats: Stats) -> None:
+        """Add one batch's (sum, sumsq, sign_sum, nonzero), converting to float64 inside the add."""
+        for acc, value in zip((self.sum, self.sumsq, self.sign_sum, self.nonzero), stats, strict=True):
+            acc.add_(value)
 
     def merge(self, other: TensorMoments) -> TensorMoments:
         """Moments of the union of two disjoint sample sets (a new object; associative, commutative)."""
-        return TensorMoments(self.sum + other.sum, self.sumsq + other.sumsq, self.pos + other.pos, self.neg + other.neg)
+        return TensorMoments(
+            self.sum + other.sum,
+            self.sumsq + other.sumsq,
+            self.sign_sum + other.sign_sum,
+            self.nonzero + other.nonzero,
+        )
 
 
 @dataclass
@@ -63,11 +86,8 @@ class Moments:
 
     def merge(self, other: Moments) -> Moments:
         """Moments of the union of two disjoint sample sets."""
-        names = self.tensors.keys() | other.tensors.keys()
         merged = {}
-        for name in names:
-            if name in self.tensors and name in other.tensors:
-                merged[name] = self.tensors[name].merge(other.tensors[name])
-            else:
-                merged[name] = self.tensors.get(name) or other.tensors[name]
-        return Moments(merged, self.n + other.n, self.loss_sum + other.loss_sum)
+        for name in self.tensors.keys() | other.tensors.keys():
+            mine, theirs = self.tensors.get(name), other.tensors.get(name)
+            merged[name] = mine.merge(theirs) if mine and theirs else mine or theirs
+        return Moments(merged, self.n + other.n, self.loss_sum + other.loss_sum)  # type: ignore[arg-type]

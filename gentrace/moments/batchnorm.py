@@ -16,11 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def _stats(g: torch.Tensor) -> Stats:
-    return g.sum(0), g.square().sum(0), (g > 0).sum(0), (g < 0).sum(0)
+from gentrace.moments.accumulator import Stats, stats_of
 
 
 def moments(module: nn.Module, inputs: tuple[Any, ...], delta: torch.Tensor) -> dict[str, Stats]:
@@ -40,7 +36,7 @@ def moments(module: nn.Module, inputs: tuple[Any, ...], delta: torch.Tensor) -> 
     out = {}
     if module.weight is not None and module.weight.requires_grad:
         xh = x_hat.flatten(2) if x_hat.dim() > 2 else x_hat[:, :, None]
-        out["weight"] = _stats((d * xh).sum(2))
+        out["weight"] = stats_of((d * xh).sum(2))
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = _stats(d.sum(2))
+        out["bias"] = stats_of(d.sum(2))
     return out

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+from gentrace.moments.accumulator import Stats, stats_of
 
 # Per-sample gradients formed at once, at most (they are reduced right away).
 CHUNK_BYTES = 64 * 2**20
@@ -30,16 +30,11 @@ def chunked_moments(make: Callable[[int, int], torch.Tensor], n: int, per_sample
     """Reduce per-sample gradients `make(lo, hi)` [hi - lo, *shape] chunk by chunk into moments."""
     first = make(0, min(n, 1))
     step = chunk_size(per_sample_numel or first[0].numel(), first.element_size())
-    s = first.sum(0, dtype=torch.float64)
-    sq = first.square().sum(0, dtype=torch.float64)
-    pos, neg = (first > 0).sum(0), (first < 0).sum(0)
+    total = list(stats_of(first))
     for lo in range(1, n, step):
-        g = make(lo, min(n, lo + step))
-        s += g.sum(0, dtype=torch.float64)
-        sq += g.square().sum(0, dtype=torch.float64)
-        pos += (g > 0).sum(0)
-        neg += (g < 0).sum(0)
-    return s, sq, pos, neg
+        for acc, value in zip(total, stats_of(make(lo, min(n, lo + step))), strict=True):
+            acc.add_(value)
+    return total[0], total[1], total[2], total[3]
 
 
 def moments(module: nn.Module, a: torch.Tensor, delta: torch.Tensor) -> dict[str, Stats]:
@@ -62,6 +57,5 @@ def moments(module: nn.Module, a: torch.Tensor, delta: torch.Tensor) -> dict[str
 
     out = {"weight": chunked_moments(per_sample, len(a), weight.numel())}
     if module.bias is not None:
-        b = d.sum(2)  # [B, Cout]: per-sample bias gradient sums the output positions
-        out["bias"] = (b.sum(0), b.square().sum(0), (b > 0).sum(0), (b < 0).sum(0))
+        out["bias"] = stats_of(d.sum(2))  # [B, Cout]: per-sample bias gradient sums the output positions
     return out

@@ -21,9 +21,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gentrace.moments import batchnorm, conv, fallback, linear
-from gentrace.moments.accumulator import Moments, TensorMoments
+from gentrace.moments.accumulator import Moments, Stats, TensorMoments
 
-Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 Rule = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], dict[str, Stats]]
 
 # module type -> moment routine; anything else with parameters goes to the torch.func fallback.
@@ -61,6 +60,7 @@ class MomentsEngine:
         self.active = False
         self.moments = Moments()
         self._inputs: dict[str, tuple[Any, ...]] = {}
+        self.outputs: list[torch.Tensor] = []  # this forward pass's hooked outputs, for backward_for_moments
 
     def install(self) -> list[RemovableHandle]:
         """Register the forward hooks; remove the returned handles to uninstall."""
@@ -75,6 +75,7 @@ class MomentsEngine:
         """Stop and hand over the accumulated moments (the engine starts empty again)."""
         self.active = False
         self._inputs.clear()
+        self.outputs = []
         out, self.moments = self.moments, Moments()
         return out
 
@@ -96,6 +97,8 @@ class MomentsEngine:
                 )
             self._inputs[prefix] = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs)
             output.register_hook(self._backward_hook(prefix, module))
+            if not self.mean_loss:
+                self.outputs.append(output)
 
         return hook
 
@@ -117,7 +120,7 @@ class MomentsEngine:
                 acc = self.moments.tensors.get(full)
                 if acc is None:
                     acc = self.moments.tensors[full] = TensorMoments.zeros(stats[0].shape, stats[0].device)
-                acc.add(*stats)
+                acc.add(stats)
 
         return hook
 
@@ -126,17 +129,14 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def backward_for_moments(engine: MomentsEngine, model: nn.Module, loss: torch.Tensor, x: torch.Tensor) -> None:
+def backward_for_moments(engine: MomentsEngine, loss: torch.Tensor) -> None:
     """Backpropagate `loss` so every hooked module sees its output gradient, computing no weight gradient.
 
-    Differentiating with respect to a float input (a leaf made here) rather than the parameters
-    skips the weight-gradient GEMMs autograd would otherwise do: the moments replace them.
+    Differentiating with respect to the hooked modules' outputs rather than the parameters skips
+    the weight-gradient GEMMs (the moments replace them) and the first layer's input gradient.
     """
-    if x.requires_grad and x.is_leaf and x.is_floating_point():
-        torch.autograd.grad(loss, [x])
-        return
-    params = [p for m in engine.modules.values() for p in m.parameters(recurse=False) if p.requires_grad]
-    torch.autograd.grad(loss, params, allow_unused=True)
+    outputs, engine.outputs = engine.outputs, []
+    torch.autograd.grad(loss, outputs, allow_unused=True)
 
 
 def probe_moments(
@@ -154,9 +154,7 @@ def probe_moments(
     engine.begin()
     for lo in range(0, len(x), batch_size):
         xb = x[lo : lo + batch_size]
-        if xb.is_floating_point():
-            xb = xb.detach().requires_grad_(True)
         losses = per_sample_loss(model(xb), y[lo : lo + batch_size])
         engine.add_samples(len(xb), float(losses.detach().sum()))
-        backward_for_moments(engine, model, losses.sum(), xb)
+        backward_for_moments(engine, losses.sum())
     return engine.end()

@@ -14,9 +14,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from gentrace.moments.accumulator import Stats, stats_of
 from gentrace.moments.conv import chunk_size
-
-Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def moments(module: nn.Module, inputs: tuple[Any, ...], delta: torch.Tensor) -> dict[str, Stats]:
@@ -36,14 +35,10 @@ def moments(module: nn.Module, inputs: tuple[Any, ...], delta: torch.Tensor) -> 
         hi = min(n, lo + step)
         grads = per_sample(params, tuple(t[lo:hi] for t in inputs), delta[lo:hi])
         for name, g in grads.items():
-            stats = [
-                g.sum(0, dtype=torch.float64),
-                g.square().sum(0, dtype=torch.float64),
-                (g > 0).sum(0),
-                (g < 0).sum(0),
-            ]
+            stats = stats_of(g)
             if name in acc:
-                acc[name] = [x + y for x, y in zip(acc[name], stats, strict=True)]
+                for total, value in zip(acc[name], stats, strict=True):
+                    total.add_(value)
             else:
-                acc[name] = stats
+                acc[name] = list(stats)
     return {name: (v[0], v[1], v[2], v[3]) for name, v in acc.items()}

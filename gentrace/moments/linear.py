@@ -4,7 +4,7 @@ For a sample i with input a_i [in] and output gradient delta_i [out], the weight
 outer product g_i = delta_i a_i^T, so with A [B, in] and D [B, out]:
 
     sum   = D^T A                          sumsq = (D^2)^T (A^2)
-    pos - neg = sign(D)^T sign(A)          pos + neg = |sign(D)|^T |sign(A)|
+    sign_sum = pos - neg = sign(D)^T sign(A)      nonzero = pos + neg = |sign(D)|^T |sign(A)|
 
 (sign(g) = sign(delta) sign(a) elementwise). After a ReLU (A >= 0) sign(A) = |sign(A)| and the two
 count GEMMs become one with the left operands stacked. Inputs with extra dims ([B, T, in]) are not
@@ -16,29 +16,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gentrace.moments.accumulator import Stats
 from gentrace.moments.conv import chunked_moments
-
-Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def bias_moments(delta: torch.Tensor) -> Stats:
     """Moments of a bias whose per-sample gradient is delta [B, out] itself."""
-    return delta.sum(0), delta.square().sum(0), (delta > 0).sum(0), (delta < 0).sum(0)
+    sign = delta.sign()
+    return delta.sum(0), delta.square().sum(0), sign.sum(0), sign.abs().sum(0)
 
 
 def weight_moments(a: torch.Tensor, delta: torch.Tensor) -> Stats:
-    """Moments of W for a [B, in], delta [B, out]: four [out, in] tensors (counts as float, exact)."""
+    """Moments of W for a [B, in], delta [B, out]: sum, sumsq, sign_sum, nonzero, each [out, in]."""
     s = delta.T @ a
     sq = delta.square().T @ a.square()
     sign_d = delta.sign()
     if bool((a >= 0).all()):
         # One GEMM for both counts: [sign(D) | |sign(D)|]^T [A > 0].
         both = torch.cat([sign_d, sign_d.abs()], dim=1).T @ (a > 0).to(a.dtype)
-        diff, nonzero = both.split(delta.shape[1])
+        sign_sum, nonzero = both.split(delta.shape[1])
     else:
         sign_a = a.sign()
-        diff, nonzero = sign_d.T @ sign_a, sign_d.abs().T @ sign_a.abs()
-    return s, sq, (nonzero + diff) / 2, (nonzero - diff) / 2
+        sign_sum, nonzero = sign_d.T @ sign_a, sign_d.abs().T @ sign_a.abs()
+    return s, sq, sign_sum, nonzero
 
 
 def moments(module: nn.Module, a: torch.Tensor, delta: torch.Tensor) -> dict[str, Stats]:

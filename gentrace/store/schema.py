@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numcodecs
 import numpy as np
 from zarr.codecs import BloscCodec, ZstdCodec
 
@@ -46,6 +47,17 @@ CODECS: dict[str, Any] = {
     "half": lambda: [ZstdCodec(level=1)],
     "bits": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")],
     "index": lambda: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")],
+}
+
+
+# The same codecs as numcodecs encoders, for the writer's direct path (whole-row chunks): they
+# produce the bytes zarr's codec pipeline [bytes(little endian), <codec>] would.
+CHUNK_ENCODERS: dict[str, Any] = {
+    "float": lambda: numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
+    "count": lambda: numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.BITSHUFFLE),
+    "half": lambda: numcodecs.Zstd(level=1),
+    "bits": lambda: numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.NOSHUFFLE),
+    "index": lambda: numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE),
 }
 
 

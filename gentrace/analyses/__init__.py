@@ -1,0 +1,18 @@
+"""Offline analyses of a run store: one module per analysis (SPEC section 5).
+
+Each module exposes `compute(arrays...) -> DataFrame` (pure NumPy in, pandas out) and
+`run(reader, **options) -> DataFrame` (reads an opened store lazily). `ANALYSES` maps the name
+used by `gentrace analyze NAME` to its `run`. Analyses never import `record` or `train`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pandas as pd
+
+from gentrace.analyses import gsnr, osgr
+
+ANALYSES: dict[str, Callable[..., pd.DataFrame]] = {"gsnr": gsnr.run, "osgr": osgr.run}
+
+__all__ = ["ANALYSES", "gsnr", "osgr"]

@@ -1,0 +1,138 @@
+"""`gentrace analyze ...` and `gentrace plot ...`: parse -> call an analysis -> write a table or a figure.
+
+Tables go to stdout as CSV unless `--format` or `-o` say otherwise (gentrace.report); figures go to
+the `-o` file (gentrace.plots). The analyses, pandas and matplotlib are imported inside the
+commands, so `gentrace --help` and `gentrace record` do not pay for them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from gentrace.cli_errors import user_errors
+from gentrace.errors import ConfigError
+from gentrace.store.reader import StoreReader
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+analyze_app = typer.Typer(
+    help="Compute a diagnostic from a store; CSV on stdout (--format, -o change that).", no_args_is_help=True
+)
+plot_app = typer.Typer(help="Draw a diagnostic of one or more stores into an image file.", no_args_is_help=True)
+
+
+class By(StrEnum):
+    """Granularity of `analyze gsnr`."""
+
+    model = "model"
+    layer = "layer"
+    param = "param"
+
+
+class Format(StrEnum):
+    """Table formats of gentrace.report."""
+
+    csv = "csv"
+    tsv = "tsv"
+    json = "json"
+    parquet = "parquet"
+    table = "table"
+
+
+StoreArg = Annotated[Path, typer.Argument(help="A store written by `gentrace record`.", show_default=False)]
+StoresArg = Annotated[list[Path], typer.Argument(help="Stores written by `gentrace record`.", show_default=False)]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Table format.")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")]
+FigureOpt = Annotated[
+    Path, typer.Option("--out", "-o", help="Image file; the extension picks the format (.png, .pdf, .svg).")
+]
+
+
+def _writable(out: Path | None) -> None:
+    if out is not None and not out.parent.is_dir():
+        raise ConfigError(f"-o {out}: the directory {out.parent} does not exist")
+
+
+def _parse_replicate(value: str) -> int | None:
+    if value == "all":
+        return None
+    if value.isdigit():
+        return int(value)
+    raise typer.BadParameter(f"give a replicate number (0, 1, ...) or 'all', not {value!r}", param_hint="--replicate")
+
+
+def _emit(table: pd.DataFrame | Iterable[pd.DataFrame], fmt: Format, out: Path | None) -> None:
+    from gentrace import report
+
+    _writable(out)
+    try:
+        report.write(table, fmt.value, out)
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head`): stop quietly, like any Unix filter.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(141) from None
+
+
+@analyze_app.command("gsnr")
+@user_errors
+def analyze_gsnr(
+    store: StoreArg,
+    by: Annotated[
+        By, typer.Option(help="model: one row per step and replicate; layer: per tensor; param: per parameter.")
+    ] = By.model,
+    replicate: Annotated[str, typer.Option(help="A replicate number, or 'all'.")] = "all",
+    fmt: FormatOpt = Format.csv,
+    out: OutOpt = None,
+) -> None:
+    """GSNR (mean, median), same-sign fraction and zero-variance count per recorded step."""
+    from gentrace.analyses import gsnr
+
+    chosen = _parse_replicate(replicate)
+    _emit(gsnr.frames(StoreReader(store), by.value, chosen), fmt, out)
+
+
+@analyze_app.command("osgr")
+@user_errors
+def analyze_osgr(
+    store: StoreArg,
+    summary: Annotated[
+        bool, typer.Option("--summary", help="One row: Pearson r of lhs and rhs over steps, and their means.")
+    ] = False,
+    fmt: FormatOpt = Format.csv,
+    out: OutOpt = None,
+) -> None:
+    """One-step generalization ratio: both sides of eq. 17 and eq. 20 per recorded step (needs replicates)."""
+    from gentrace.analyses import osgr
+
+    _emit(osgr.run(StoreReader(store), summary=summary), fmt, out)
+
+
+@plot_app.command("gsnr")
+@user_errors
+def plot_gsnr(stores: StoresArg, out: FigureOpt) -> None:
+    """Mean GSNR and same-sign fraction over steps, one line per store (e.g. real vs random labels)."""
+    from gentrace import plots
+
+    _writable(out)
+    readers = [StoreReader(store) for store in stores]
+    typer.echo(str(plots.plot_gsnr(readers, out)), err=True)
+
+
+@plot_app.command("osgr")
+@user_errors
+def plot_osgr(stores: StoresArg, out: FigureOpt) -> None:
+    """OSGR left vs right side of eq. 17 per recorded step, with the Pearson r in the title."""
+    from gentrace import plots
+
+    _writable(out)
+    readers = [StoreReader(store) for store in stores]
+    typer.echo(str(plots.plot_osgr(readers, out)), err=True)
