@@ -13,14 +13,32 @@ from dataclasses import dataclass, field
 
 import torch
 
-# (sum, sumsq, sign_sum, nonzero) of one batch, any float dtype; counts integer-valued.
-Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# (sum, sumsq, sign_sum, nonzero) of one batch, any float dtype; counts integer-valued; the
+# counts are None when an engine was asked for sums only (signs=False).
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
-def stats_of(g: torch.Tensor) -> Stats:
+def stats_of(g: torch.Tensor, signs: bool = True) -> Stats:
     """Moments of explicit per-sample gradients g [c, *shape] (the chunked rules)."""
+    s, sq = g.sum(0, dtype=torch.float64), g.square().sum(0, dtype=torch.float64)
+    if not signs:
+        return s, sq, None, None
     sign = g.sign()
-    return g.sum(0, dtype=torch.float64), g.square().sum(0, dtype=torch.float64), sign.sum(0), sign.abs().sum(0)
+    return s, sq, sign.sum(0), sign.abs().sum(0)
+
+
+def add_stats(total: Stats | None, more: Stats) -> Stats:
+    """Add `more` to `total` element by element, in place (None entries stay None); returns the sum."""
+    if total is None:
+        return more
+    s, sq, sign_sum, nonzero = total
+    s.add_(more[0])
+    sq.add_(more[1])
+    if sign_sum is not None and more[2] is not None:
+        sign_sum.add_(more[2])
+    if nonzero is not None and more[3] is not None:
+        nonzero.add_(more[3])
+    return total
 
 
 @dataclass
@@ -58,7 +76,8 @@ class TensorMoments:
     def add(self, stats: Stats) -> None:
         """Add one batch's (sum, sumsq, sign_sum, nonzero), converting to float64 inside the add."""
         for acc, value in zip((self.sum, self.sumsq, self.sign_sum, self.nonzero), stats, strict=True):
-            acc.add_(value)
+            if value is not None:
+                acc.add_(value)
 
     def merge(self, other: TensorMoments) -> TensorMoments:
         """Moments of the union of two disjoint sample sets (a new object; associative, commutative)."""

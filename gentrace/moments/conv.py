@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gentrace.moments.accumulator import Stats, stats_of
+from gentrace.moments.accumulator import Stats, add_stats, stats_of
 
 # Per-sample gradients formed at once, at most (they are reduced right away).
 CHUNK_BYTES = 64 * 2**20
@@ -26,18 +26,19 @@ def chunk_size(per_sample_numel: int, itemsize: int = 4) -> int:
     return max(1, CHUNK_BYTES // max(1, per_sample_numel * itemsize))
 
 
-def chunked_moments(make: Callable[[int, int], torch.Tensor], n: int, per_sample_numel: int | None = None) -> Stats:
+def chunked_moments(
+    make: Callable[[int, int], torch.Tensor], n: int, per_sample_numel: int | None = None, signs: bool = True
+) -> Stats:
     """Reduce per-sample gradients `make(lo, hi)` [hi - lo, *shape] chunk by chunk into moments."""
     first = make(0, min(n, 1))
     step = chunk_size(per_sample_numel or first[0].numel(), first.element_size())
-    total = list(stats_of(first))
+    total = stats_of(first, signs)
     for lo in range(1, n, step):
-        for acc, value in zip(total, stats_of(make(lo, min(n, lo + step))), strict=True):
-            acc.add_(value)
-    return total[0], total[1], total[2], total[3]
+        total = add_stats(total, stats_of(make(lo, min(n, lo + step)), signs))
+    return total
 
 
-def moments(module: nn.Module, a: torch.Tensor, delta: torch.Tensor) -> dict[str, Stats]:
+def moments(module: nn.Module, a: torch.Tensor, delta: torch.Tensor, signs: bool = True) -> dict[str, Stats]:
     """Moments of `weight` (and `bias`) of an nn.Conv2d from input a [B, Cin, H, W] and delta [B, Cout, H', W']."""
     assert isinstance(module, nn.Conv2d)
     padding = module.padding
@@ -55,7 +56,7 @@ def moments(module: nn.Module, a: torch.Tensor, delta: torch.Tensor) -> dict[str
         dd = d[lo:hi].view(hi - lo, groups, cout // groups, -1)  # [c, g, Cout/g, P]
         return (dd @ u.transpose(-1, -2)).reshape(hi - lo, cout, cin_g, kh, kw)
 
-    out = {"weight": chunked_moments(per_sample, len(a), weight.numel())}
+    out = {"weight": chunked_moments(per_sample, len(a), weight.numel(), signs)}
     if module.bias is not None:
-        out["bias"] = stats_of(d.sum(2))  # [B, Cout]: per-sample bias gradient sums the output positions
+        out["bias"] = stats_of(d.sum(2), signs)  # [B, Cout]: per-sample bias gradient sums the output positions
     return out

@@ -23,24 +23,29 @@ from torch.utils.hooks import RemovableHandle
 from gentrace.moments import batchnorm, conv, fallback, linear
 from gentrace.moments.accumulator import Moments, Stats, TensorMoments
 
-Rule = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], dict[str, Stats]]
+Rule = Callable[[nn.Module, tuple[Any, ...], torch.Tensor, bool], dict[str, Stats]]
 
-# module type -> moment routine; anything else with parameters goes to the torch.func fallback.
+# module type -> moment routine (module, inputs, delta, signs); anything else with parameters goes
+# to the torch.func fallback. The cheap rules compute sign counts regardless of `signs`.
 RULES: dict[type[nn.Module], Rule] = {
-    nn.Linear: lambda m, inputs, d: linear.moments(m, inputs[0], d),
-    nn.Conv2d: lambda m, inputs, d: conv.moments(m, inputs[0], d),
-    nn.BatchNorm1d: batchnorm.moments,
-    nn.BatchNorm2d: batchnorm.moments,
-    nn.BatchNorm3d: batchnorm.moments,
+    nn.Linear: lambda m, inputs, d, signs: linear.moments(m, inputs[0], d, signs),
+    nn.Conv2d: lambda m, inputs, d, signs: conv.moments(m, inputs[0], d, signs),
+    nn.BatchNorm1d: lambda m, inputs, d, signs: batchnorm.moments(m, inputs, d),
+    nn.BatchNorm2d: lambda m, inputs, d, signs: batchnorm.moments(m, inputs, d),
+    nn.BatchNorm3d: lambda m, inputs, d, signs: batchnorm.moments(m, inputs, d),
 }
+
+
+def _fallback(module: nn.Module, inputs: tuple[Any, ...], delta: torch.Tensor, signs: bool) -> dict[str, Stats]:
+    return fallback.moments(module, inputs, delta)
 
 
 def rule_for(module: nn.Module) -> Rule:
     """The moment routine for a module (exact type match, so subclasses get the safe fallback)."""
     rule = RULES.get(type(module))
     if type(module) is nn.Conv2d and (isinstance(module.padding, str) or module.padding_mode != "zeros"):
-        return fallback.moments
-    return rule or fallback.moments
+        return _fallback
+    return rule or _fallback
 
 
 class MomentsEngine:
@@ -49,13 +54,14 @@ class MomentsEngine:
     Usage: handles = engine.install(); engine.begin(); <forward + backward>...; m = engine.end().
     """
 
-    def __init__(self, model: nn.Module, names: set[str] | None = None) -> None:
+    def __init__(self, model: nn.Module, names: set[str] | None = None, signs: bool = True) -> None:
         self.modules: dict[str, nn.Module] = {}
         for prefix, module in model.named_modules():
             own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if own and (names is None or any(_join(prefix, n) in names for n in own)):
                 self.modules[prefix] = module
         self.names = names
+        self.signs = signs  # False: sums only (pos and neg stay 0), for measuring what the counts cost
         self.mean_loss = False
         self.active = False
         self.moments = Moments()
@@ -110,7 +116,7 @@ class MomentsEngine:
             self.active = False
             try:
                 with torch.no_grad():
-                    results = rule_for(module)(module, inputs, delta)
+                    results = rule_for(module)(module, inputs, delta, self.signs)
             finally:
                 self.active = True
             for name, stats in results.items():

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from gentrace.moments.accumulator import Stats, stats_of
+from gentrace.moments.accumulator import Stats, add_stats, stats_of
 from gentrace.moments.conv import chunk_size
 
 
@@ -30,15 +30,10 @@ def moments(module: nn.Module, inputs: tuple[Any, ...], delta: torch.Tensor) -> 
     per_sample = vmap(grad(inner), in_dims=(None, 0, 0))
     n = len(delta)
     step = chunk_size(sum(p.numel() for p in params.values()))
-    acc: dict[str, list[torch.Tensor]] = {}
+    acc: dict[str, Stats] = {}
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         grads = per_sample(params, tuple(t[lo:hi] for t in inputs), delta[lo:hi])
         for name, g in grads.items():
-            stats = stats_of(g)
-            if name in acc:
-                for total, value in zip(acc[name], stats, strict=True):
-                    total.add_(value)
-            else:
-                acc[name] = list(stats)
-    return {name: (v[0], v[1], v[2], v[3]) for name, v in acc.items()}
+            acc[name] = add_stats(acc.get(name), stats_of(g))
+    return acc

@@ -16,20 +16,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gentrace.moments.accumulator import Stats
+from gentrace.moments.accumulator import Stats, stats_of
 from gentrace.moments.conv import chunked_moments
 
 
-def bias_moments(delta: torch.Tensor) -> Stats:
+def bias_moments(delta: torch.Tensor, signs: bool = True) -> Stats:
     """Moments of a bias whose per-sample gradient is delta [B, out] itself."""
-    sign = delta.sign()
-    return delta.sum(0), delta.square().sum(0), sign.sum(0), sign.abs().sum(0)
+    return stats_of(delta, signs)
 
 
-def weight_moments(a: torch.Tensor, delta: torch.Tensor) -> Stats:
+def weight_moments(a: torch.Tensor, delta: torch.Tensor, signs: bool = True) -> Stats:
     """Moments of W for a [B, in], delta [B, out]: sum, sumsq, sign_sum, nonzero, each [out, in]."""
     s = delta.T @ a
     sq = delta.square().T @ a.square()
+    if not signs:
+        return s, sq, None, None
     sign_d = delta.sign()
     if bool((a >= 0).all()):
         # One GEMM for both counts: [sign(D) | |sign(D)|]^T [A > 0].
@@ -41,17 +42,17 @@ def weight_moments(a: torch.Tensor, delta: torch.Tensor) -> Stats:
     return s, sq, sign_sum, nonzero
 
 
-def moments(module: nn.Module, a: torch.Tensor, delta: torch.Tensor) -> dict[str, Stats]:
+def moments(module: nn.Module, a: torch.Tensor, delta: torch.Tensor, signs: bool = True) -> dict[str, Stats]:
     """Moments of `weight` (and `bias`) of an nn.Linear from its input and per-sample output gradient."""
     assert isinstance(module, nn.Linear)
     if a.dim() == 2:
-        out = {"weight": weight_moments(a, delta)}
+        out = {"weight": weight_moments(a, delta, signs)}
         if module.bias is not None:
-            out["bias"] = bias_moments(delta)
+            out["bias"] = bias_moments(delta, signs)
         return out
     # [B, *, in]: per-sample gradient sum_t delta_it a_it^T, formed in chunks of samples.
     a3, d3 = a.flatten(1, -2), delta.flatten(1, -2)  # [B, T, in], [B, T, out]
-    out = {"weight": chunked_moments(lambda lo, hi: d3[lo:hi].transpose(1, 2) @ a3[lo:hi], len(a3))}
+    out = {"weight": chunked_moments(lambda lo, hi: d3[lo:hi].transpose(1, 2) @ a3[lo:hi], len(a3), signs=signs)}
     if module.bias is not None:
-        out["bias"] = bias_moments(d3.sum(1))
+        out["bias"] = bias_moments(d3.sum(1), signs)
     return out
