@@ -100,17 +100,25 @@ def record(
 
 def _after_record(path: Path, quiet: bool) -> None:
     """Tell the user where the store is and what to run next (stderr: stdout stays data only)."""
-    if quiet:
-        typer.echo(str(path))
-        return
-    lines = [
-        f"store written: {path}",
-        "next, try:",
-        f"  gentrace info {path}",
-        f"  python -c \"import zarr; g = zarr.open_group('{path}', mode='r'); print(g.tree())\"",
-    ]
-    typer.echo("\n".join(lines), err=True)
+    if not quiet:
+        lines = [f"store written: {path}", "next, try:", f"  gentrace info {path}"]
+        lines += [f"  {command}" for command in suggestions(StoreReader(path))]
+        typer.echo("\n".join(lines), err=True)
     typer.echo(str(path))
+
+
+def suggestions(reader: StoreReader) -> list[str]:
+    """The `analyze` and `plot` commands that this store can answer."""
+    path = reader.path
+    out = []
+    if reader.has("grad"):
+        out += [f"gentrace analyze gsnr {path}", f"gentrace analyze gsnr {path} --by layer --format table"]
+        out += [f"gentrace plot gsnr {path} -o gsnr.png"]
+        cfg = reader.config
+        if cfg["train"]["replicates"] >= 2 and cfg["record"]["eval_every_steps"] == 1:
+            out += [f"gentrace analyze osgr {path} --summary", f"gentrace plot osgr {path} -o osgr.png"]
+    out.append(f"python -c \"import zarr; print(zarr.open_group('{path}', mode='r').tree())\"")
+    return out
 
 
 @app.command()

@@ -105,3 +105,22 @@ def test_training_learns_digits(quickstart: tuple[Path, subprocess.CompletedProc
 
 def test_sample_quickstart_file_is_the_builtin() -> None:
     assert (ROOT / "sample_configs" / "quickstart.toml").read_text() == config.QUICKSTART_TOML
+
+
+def test_quickstart_feeds_every_analysis_it_records(quickstart: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    import io
+
+    import pandas as pd
+
+    path, _ = quickstart
+    done = gentrace("analyze", "gsnr", str(path), cwd=path.parent)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(io.StringIO(done.stdout))
+    expected = ["step", "epoch", "replicate", "gsnr_mean", "gsnr_median", "same_sign", "n", "zero_variance"]
+    assert list(table.columns) == expected
+    assert len(table) == 2 * (config.load(None).train.epochs + 1)
+    by_layer = pd.read_csv(io.StringIO(gentrace("analyze", "gsnr", str(path), "--by", "layer", cwd=path.parent).stdout))
+    assert set(by_layer.layer) == set(StoreReader(path).grad_tensor_names())
+    osgr = gentrace("analyze", "osgr", str(path), cwd=path.parent)
+    assert osgr.returncode == 2  # metrics once per epoch: the message names record.eval_every_steps
+    assert "record.eval_every_steps" in osgr.stderr
