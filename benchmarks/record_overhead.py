@@ -36,26 +36,26 @@ class DropRows:
         pass
 
 
-def time_off(cfg: config.RunConfig, device: str) -> float:
+def _train_time(cfg: config.RunConfig, device: str, probes: bool) -> float:
     trainer, recorder, _ = prepare(cfg, resolve_device(device))
-    recorder.probes.clear()
+    if probes:
+        recorder.attach(DropRows())  # type: ignore[arg-type]
+    else:
+        recorder.probes.clear()
     t0 = time.perf_counter()
     with recorder:
         trainer.run(recorder)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def time_off(cfg: config.RunConfig, device: str) -> float:
+    return _train_time(cfg, device, probes=False)
 
 
 def time_probes_only(cfg: config.RunConfig, device: str) -> float:
-    trainer, recorder, _ = prepare(cfg, resolve_device(device))
-    recorder.attach(DropRows())  # type: ignore[arg-type]
-    t0 = time.perf_counter()
-    with recorder:
-        trainer.run(recorder)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return _train_time(cfg, device, probes=True)
 
 
 def time_on(cfg: config.RunConfig, device: str, root: Path, i: int) -> float:

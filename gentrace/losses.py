@@ -28,11 +28,6 @@ def output_dim(loss: LossName, num_classes: int) -> int:
     return num_classes if loss == "cross_entropy" else 1
 
 
-def squeeze_output(out: torch.Tensor, loss: LossName) -> torch.Tensor:
-    """[B, 1] -> [B] for the one-unit losses; [B, C] logits stay."""
-    return out if loss == "cross_entropy" else out.squeeze(-1)
-
-
 def per_sample_loss(loss: LossName) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Loss of each sample alone: (out, y) -> [B] (training uses its mean over the batch)."""
     if loss == "cross_entropy":
