@@ -139,6 +139,22 @@ class GradMomentsRecord:
 
 
 @dataclass(frozen=True)
+class ActivationsRecord:
+    """`record.activations`: ReLU on/off bitmasks of a fixed probe set, every N epochs (0 = off).
+
+    `probe`: the first P training samples of replicate 0 (a random draw from the pool; at most
+    data.n_train, so a small run records all of its samples);
+    `layers`: "relu" for every nn.ReLU call site, or a list of call-site names;
+    `values`: also store the activations themselves as float16.
+    """
+
+    every_epochs: int = field(default=1, metadata=_check(0))
+    probe: int = field(default=128, metadata=_check(1))
+    layers: Literal["relu"] | tuple[str, ...] = "relu"
+    values: bool = False
+
+
+@dataclass(frozen=True)
 class RecordConfig:
     """`[record]`: what is streamed into the store, and how often.
 
@@ -153,6 +169,7 @@ class RecordConfig:
     params_fine: ParamsFineRecord = ParamsFineRecord()
     predictions: PredictionsRecord = PredictionsRecord()
     grad_moments: GradMomentsRecord = GradMomentsRecord()
+    activations: ActivationsRecord = ActivationsRecord()
 
 
 @dataclass(frozen=True)
@@ -200,6 +217,7 @@ params = { every_epochs = 1, names = "all" }
 params_fine = { every_steps = 1, names = ["first_layer.bias"] }
 predictions = { every_epochs = 1, splits = ["train", "test"] }
 grad_moments = { every_steps = 0, every_epochs = 1, source = "probe", samples = 0 }
+activations = { every_epochs = 1, probe = 128, layers = "relu", values = false }
 """
 
 

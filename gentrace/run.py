@@ -139,7 +139,8 @@ def record(
     if path.exists() and not overwrite:
         raise StoreError(f"{path} already exists; pass --overwrite to replace it or --resume to continue it")
     trainer, recorder, data = prepare(cfg, dev)
-    writer = create_store(path, _attrs(cfg, trainer, data, dev), recorder.streams(), _static(data), overwrite=overwrite)
+    static = {**_static(data), **recorder.static()}
+    writer = create_store(path, _attrs(cfg, trainer, data, dev), recorder.streams(), static, overwrite=overwrite)
     _train(trainer, recorder, writer, observers)
     return path
 

@@ -139,7 +139,7 @@ def test_info_lists_every_stream_of_a_killed_store(crashed: Crash) -> None:
     assert crashed.info.returncode == 0, crashed.info.stderr
     assert re.search(r"^status\s+killed", crashed.info.stdout, re.MULTILINE)
     streams = store_attrs(crashed.killed)["streams"]
-    assert set(streams) == {"metrics", "metrics_fine", "params", "params_fine", "preds", "grad"}
+    assert set(streams) == {"metrics", "metrics_fine", "params", "params_fine", "preds", "grad", "acts"}
     for stream in streams:
         assert re.search(rf"^{stream}\s+\d+", crashed.info.stdout, re.MULTILINE), stream
 

@@ -16,7 +16,7 @@ from gentrace import config
 from gentrace.store.reader import StoreReader
 
 ROOT = Path(__file__).resolve().parents[1]
-STREAMS = ["metrics", "metrics_fine", "params", "params_fine", "preds", "grad"]
+STREAMS = ["metrics", "metrics_fine", "params", "params_fine", "preds", "grad", "acts"]
 
 
 def gentrace(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -69,6 +69,7 @@ def test_plain_zarr_arrays_end_at_committed(quickstart: tuple[Path, subprocess.C
         "params": cfg.train.epochs + 1,
         "preds": cfg.train.epochs + 1,
         "grad": cfg.train.epochs + 1,
+        "acts": cfg.train.epochs + 1,
         "metrics_fine": group.attrs["total_steps"],
         "params_fine": group.attrs["total_steps"] + 1,
     }

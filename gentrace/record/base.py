@@ -78,6 +78,10 @@ class Probe:
         """The streams this probe writes, preallocated at their final row counts."""
         return []
 
+    def static(self) -> dict[str, np.ndarray]:
+        """Arrays written once into `data/` when the store is created (e.g. the probe set's indices)."""
+        return {}
+
     def install(self) -> list[RemovableHandle]:
         """Register the module hooks this probe needs; the recorder removes them all on exit."""
         return []

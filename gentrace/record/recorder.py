@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 from torch.utils.hooks import RemovableHandle
 
+from gentrace.record.activations import activations_probe
 from gentrace.record.base import Probe, RunContext, StepInfo
 from gentrace.record.evaluator import Evaluator
 from gentrace.record.grad_moments import grad_moments_probe
@@ -32,6 +34,7 @@ PROBES: dict[str, ProbeFactory] = {
     "metrics": lambda ctx, ev: MetricsProbe(ctx, ev),
     "preds": lambda ctx, ev: PredictionsProbe(ctx, ev) if ctx.cfg.record.predictions.every_epochs else None,
     "grad": lambda ctx, ev: grad_moments_probe(ctx),
+    "acts": lambda ctx, ev: activations_probe(ctx),
     "params_fine": lambda ctx, ev: params_fine_probe(ctx),
     "params": lambda ctx, ev: params_probe(ctx),
 }
@@ -51,6 +54,10 @@ class Recorder:
     def streams(self) -> list[StreamSpec]:
         """Every stream the probes write, preallocated."""
         return [stream for probe in self.probes for stream in probe.streams()]
+
+    def static(self) -> dict[str, np.ndarray]:
+        """The probes' `data/` arrays."""
+        return {path: values for probe in self.probes for path, values in probe.static().items()}
 
     def state(self) -> dict[str, Any]:
         """Probe states for a checkpoint: probe name -> state."""

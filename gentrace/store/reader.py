@@ -103,6 +103,11 @@ class StoreReader:
         suffix = "/sum"
         return [p[len("grad/") : -len(suffix)] for p in self.streams().get("grad", []) if p.endswith(suffix)]
 
+    def act_layers(self) -> list[str]:
+        """ReLU call sites with activation bitmasks (`acts/<layer>/bits`), in forward order."""
+        suffix = "/bits"
+        return [p[len("acts/") : -len(suffix)] for p in self.streams().get("acts", []) if p.endswith(suffix)]
+
     # -- arrays -------------------------------------------------------------------------------
     def array(self, path: str) -> np.ndarray:
         """The committed rows of a stream array (or the whole of a static `data/` array)."""

@@ -225,6 +225,22 @@ def grad_stream(rows: int, replicates: int, shapes: Mapping[str, Sequence[int]])
     return StreamSpec("grad", rows, tuple(arrays))
 
 
+def acts_stream(rows: int, probe: int, layers: Mapping[str, Mapping[str, Any]], values: bool) -> StreamSpec:
+    """`acts/`: ReLU on/off bitmasks of the probe samples at each recorded epoch (SPEC sections 3, 4).
+
+    acts/<layer>/bits [A, P, ceil(units/8)] uint8 = numpy.packbits(output > 0, axis=-1, bitorder="little");
+    acts/<layer>/values [A, P, units] float16 when `values`; acts/step, acts/epoch [A]. `layers` maps
+    each call-site name to its attrs: units, shape (C, H, W or features), module (the module path).
+    """
+    arrays = [_step("acts"), ArraySpec("acts/epoch", (), "int32", "index")]
+    for layer, attrs in layers.items():
+        units = int(attrs["units"])
+        arrays.append(ArraySpec(f"acts/{layer}/bits", (probe, math.ceil(units / 8)), "uint8", "bits", attrs=attrs))
+        if values:
+            arrays.append(ArraySpec(f"acts/{layer}/values", (probe, units), "float16", "half", attrs=attrs))
+    return StreamSpec("acts", rows, tuple(arrays))
+
+
 CHECKPOINT_GROUP = "checkpoints"
 
 
