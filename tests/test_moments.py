@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -154,7 +155,7 @@ def test_result_does_not_depend_on_the_batch_size(batch_size: int) -> None:
     model, x, y = _setup(CASES[1], 13)
     engine = MomentsEngine(model)
     handles = engine.install()
-    one = probe_moments(engine, model, x, y, _loss, batch_size=13)
+    one = copy.deepcopy(probe_moments(engine, model, x, y, _loss, batch_size=13))  # the engine reuses its buffers
     other = probe_moments(engine, model, x, y, _loss, batch_size=batch_size)
     for handle in handles:
         handle.remove()

@@ -73,6 +73,11 @@ class TensorMoments:
         """#{i : g_i < 0} [*shape] int64."""
         return ((self.nonzero - self.sign_sum) / 2).round().to(torch.int64)
 
+    def zero_(self) -> None:
+        """Reset in place (an engine reuses its accumulators: large float64 allocations are slow)."""
+        for acc in (self.sum, self.sumsq, self.sign_sum, self.nonzero):
+            acc.zero_()
+
     def add(self, stats: Stats) -> None:
         """Add one batch's (sum, sumsq, sign_sum, nonzero), converting to float64 inside the add."""
         for acc, value in zip((self.sum, self.sumsq, self.sign_sum, self.nonzero), stats, strict=True):

@@ -2,9 +2,11 @@
 
 For sample i the weight gradient is G_i = D_i U_i^T with U_i = unfold(a_i) [Cin/g * kh * kw, P]
 and D_i = delta_i [Cout, P] (P output positions), per group. It is formed for a chunk of samples
-at a time ([c, Cout, Cin/g * kh * kw], c chosen so a chunk stays under CHUNK_BYTES) and reduced
-at once into sum, sum of squares and sign counts, so no more than one chunk of per-sample
-gradients ever exists.
+at a time ([c, Cout, Cin/g, kh, kw], c chosen so a chunk stays under CHUNK_BYTES) by the
+convolution's own weight-gradient kernel, treating the chunk as one sample with c times the
+groups (equal to the unfolded product, without materializing the unfolded input), and reduced at
+once into sum, sum of squares and sign counts, so no more than one chunk of per-sample gradients
+ever exists.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_weight
 
 from gentrace.moments.accumulator import Stats, add_stats, stats_of
 
@@ -51,10 +53,13 @@ def moments(module: nn.Module, a: torch.Tensor, delta: torch.Tensor, signs: bool
     d = delta.flatten(2)  # [B, Cout, P]
 
     def per_sample(lo: int, hi: int) -> torch.Tensor:
-        u = F.unfold(a[lo:hi], (kh, kw), dilation=module.dilation, padding=padding, stride=module.stride)
-        u = u.view(hi - lo, groups, cin_g * kh * kw, -1)  # [c, g, Cin/g*kh*kw, P]
-        dd = d[lo:hi].view(hi - lo, groups, cout // groups, -1)  # [c, g, Cout/g, P]
-        return (dd @ u.transpose(-1, -2)).reshape(hi - lo, cout, cin_g, kh, kw)
+        # The c samples of a chunk as one sample with c * groups groups: the convolution's own
+        # weight-gradient kernel then returns every sample's gradient at once (no unfold copy).
+        c = hi - lo
+        x = a[lo:hi].reshape(1, c * a.shape[1], *a.shape[2:])
+        dy = delta[lo:hi].reshape(1, c * cout, *delta.shape[2:])
+        g = conv2d_weight(x, (c * cout, cin_g, kh, kw), dy, module.stride, padding, module.dilation, groups * c)
+        return g.view(c, cout, cin_g, kh, kw)
 
     out = {"weight": chunked_moments(per_sample, len(a), weight.numel(), signs)}
     if module.bias is not None:

@@ -72,18 +72,24 @@ class MomentsEngine:
         """Register the forward hooks; remove the returned handles to uninstall."""
         return [m.register_forward_hook(self._forward_hook(prefix)) for prefix, m in self.modules.items()]
 
-    def begin(self, mean_loss: bool = False) -> None:
-        """Start accumulating; `mean_loss`: the backward pass is of the batch mean, not the sum, of sample losses."""
+    def begin(self, mean_loss: bool = False, reset: bool = True) -> None:
+        """Start accumulating (from zero unless `reset` is False, e.g. after restoring a saved state).
+
+        `mean_loss`: the backward pass is of the batch mean, not the sum, of sample losses.
+        """
         self.mean_loss = mean_loss
         self.active = True
+        if reset:
+            for acc in self.moments.tensors.values():
+                acc.zero_()
+            self.moments.n, self.moments.loss_sum = 0, 0.0
 
     def end(self) -> Moments:
-        """Stop and hand over the accumulated moments (the engine starts empty again)."""
+        """Stop and return the accumulated moments: valid until the next `begin`, which reuses them."""
         self.active = False
         self._inputs.clear()
         self.outputs = []
-        out, self.moments = self.moments, Moments()
-        return out
+        return self.moments
 
     def add_samples(self, n: int, loss_sum: float) -> None:
         """Count samples and their summed loss into the current accumulation."""

@@ -34,12 +34,27 @@ def weight_moments(a: torch.Tensor, delta: torch.Tensor, signs: bool = True) -> 
     sign_d = delta.sign()
     if bool((a >= 0).all()):
         # One GEMM for both counts: [sign(D) | |sign(D)|]^T [A > 0].
-        both = torch.cat([sign_d, sign_d.abs()], dim=1).T @ (a > 0).to(a.dtype)
+        both = count_mm(torch.cat([sign_d, sign_d.abs()], dim=1).T, a > 0)
         sign_sum, nonzero = both.split(delta.shape[1])
     else:
         sign_a = a.sign()
-        sign_sum, nonzero = sign_d.T @ sign_a, sign_d.abs().T @ sign_a.abs()
+        sign_sum, nonzero = count_mm(sign_d.T, sign_a), count_mm(sign_d.abs().T, sign_a.abs())
     return s, sq, sign_sum, nonzero
+
+
+def count_mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Exact x @ y for matrices of -1/0/1 entries: an int8 GEMM with int32 results on the CPU.
+
+    The operands are sign indicators, so int8 loses nothing and is ~6x faster than float32 here;
+    elsewhere (or if int8 GEMMs are unavailable) a float GEMM, exact while counts stay below 2^24.
+    """
+    if x.device.type == "cpu" and hasattr(torch, "_int_mm"):
+        try:
+            return torch._int_mm(x.to(torch.int8).contiguous(), y.to(torch.int8).contiguous())
+        except RuntimeError:
+            pass
+    dtype = torch.float32 if x.dtype == torch.bool or not x.is_floating_point() else x.dtype
+    return x.to(dtype) @ y.to(dtype)
 
 
 def moments(module: nn.Module, a: torch.Tensor, delta: torch.Tensor, signs: bool = True) -> dict[str, Stats]:

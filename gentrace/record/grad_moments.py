@@ -53,6 +53,7 @@ class GradMomentsProbe(Probe):
         self._loss = per_sample_loss(ctx.loss)
         self._seen = np.zeros(len(ctx.models), np.int64)
         self._loss_sum = np.zeros(len(ctx.models), np.float64)
+        self._restored = False
 
     def streams(self) -> list[schema.StreamSpec]:
         """One `grad` stream with a row per recorded step."""
@@ -63,7 +64,7 @@ class GradMomentsProbe(Probe):
         handles = [h for engine in self.engines for h in engine.install()]
         if self.source == "train-batches":
             for engine in self.engines:
-                engine.begin(mean_loss=True)
+                engine.begin(mean_loss=True, reset=not self._restored)
         return handles
 
     def after_step(self, info: StepInfo) -> Iterable[RowBlock]:
@@ -78,15 +79,17 @@ class GradMomentsProbe(Probe):
         if step not in self.steps:
             return
         if self.source == "probe":
-            per_replicate = [self._probe_pass(m) for m in range(len(self.engines))]
+            row = self._row(step, [self._probe_pass(m) for m in range(len(self.engines))])
         else:
             per_replicate = [engine.end() for engine in self.engines]
             for m, moments in enumerate(per_replicate):
                 moments.n, moments.loss_sum = int(self._seen[m]), float(self._loss_sum[m])
-                self.engines[m].begin(mean_loss=True)
+            row = self._row(step, per_replicate)  # before begin(), which reuses the accumulators
+            for engine in self.engines:
+                engine.begin(mean_loss=True)
             self._seen[:] = 0
             self._loss_sum[:] = 0.0
-        yield RowBlock(self.name, self.take_row(self.name), self._row(step, per_replicate))
+        yield RowBlock(self.name, self.take_row(self.name), row)
 
     def state(self) -> dict[str, Any] | None:
         """train-batches: the moments accumulated since the last row (a resumed run continues them)."""
@@ -99,6 +102,7 @@ class GradMomentsProbe(Probe):
         for engine, moments in zip(self.engines, state["moments"], strict=True):
             engine.moments = moments
         self._seen, self._loss_sum = state["seen"], state["loss"]
+        self._restored = True
 
     def _probe_pass(self, m: int) -> Moments:
         model = self.ctx.models[m]
