@@ -37,6 +37,16 @@ class By(StrEnum):
     param = "param"
 
 
+class PathKind(StrEnum):
+    """What `analyze paths` computes (SPEC section 5)."""
+
+    overlap = "overlap"
+    cross = "cross"
+    self_ = "self"
+    rank = "rank"
+    ratio = "ratio"
+
+
 class Format(StrEnum):
     """Table formats of gentrace.report."""
 
@@ -116,6 +126,30 @@ def analyze_osgr(
     _emit(osgr.run(StoreReader(store), summary=summary), fmt, out)
 
 
+@analyze_app.command("paths")
+@user_errors
+def analyze_paths(
+    store: StoreArg,
+    layer: Annotated[str, typer.Option(help="A ReLU call site (acts/<layer>), or 'all'.")] = "all",
+    kind: Annotated[
+        PathKind,
+        typer.Option(
+            help="overlap | cross (vs the previous epoch) | self | rank (nearest neighbours) | ratio (early/mid cross)."
+        ),
+    ] = PathKind.overlap,
+    pairs: Annotated[
+        bool, typer.Option("--pairs", help="Every pair (rank: every base and other) instead of summaries.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="Where pairwise products run: auto | cpu | cuda | cuda:N.")] = "auto",
+    fmt: FormatOpt = Format.csv,
+    out: OutOpt = None,
+) -> None:
+    """ReLU path similarity of the probe samples per recorded epoch and layer (image-functions paper)."""
+    from gentrace.analyses import paths
+
+    _emit(paths.frames(StoreReader(store), layer, kind.value, pairs, device=device), fmt, out)
+
+
 @plot_app.command("gsnr")
 @user_errors
 def plot_gsnr(stores: StoresArg, out: FigureOpt) -> None:
@@ -136,3 +170,21 @@ def plot_osgr(stores: StoresArg, out: FigureOpt) -> None:
     _writable(out)
     readers = [StoreReader(store) for store in stores]
     typer.echo(str(plots.plot_osgr(readers, out)), err=True)
+
+
+@plot_app.command("paths")
+@user_errors
+def plot_paths(
+    stores: StoresArg,
+    out: FigureOpt,
+    layer: Annotated[
+        str | None, typer.Option(help="Layer of the nearest-neighbour rank panels [default: the second call site].")
+    ] = None,
+    device: Annotated[str, typer.Option(help="Where pairwise products run: auto | cpu | cuda | cuda:N.")] = "auto",
+) -> None:
+    """Cross and self similarity per epoch and layer, and nearest-neighbour ranks of three base samples."""
+    from gentrace import plots
+
+    _writable(out)
+    readers = [StoreReader(store) for store in stores]
+    typer.echo(str(plots.plot_paths(readers, out, layer=layer, device=device)), err=True)

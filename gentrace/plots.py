@@ -2,7 +2,7 @@
 
 Figures are drawn on the Agg canvas through matplotlib's object API (no pyplot), so plotting from
 a notebook never switches the user's backend. Sizes are fixed in inches at 100 dpi, so a figure's
-pixel size is known: GSNR_SIZE and OSGR_SIZE times DPI.
+pixel size is known: GSNR_SIZE, OSGR_SIZE and PATHS_SIZE times DPI.
 """
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ from typing import Any
 
 import numpy as np
 
-from gentrace.analyses import gsnr, osgr
+from gentrace.analyses import gsnr, osgr, paths
 from gentrace.errors import AnalysisInputError
 from gentrace.store.reader import StoreReader
 
 DPI = 100
 GSNR_SIZE = (10.0, 4.0)  # inches: two panels side by side
 OSGR_SIZE = (5.0, 5.0)
+PATHS_SIZE = (15.0, 8.0)  # inches: cross and self on top, three rank panels below
+RANK_BASES = (5, 10, 15)  # the base images of the paper's Figure 6
 
 
 def store_label(reader: StoreReader) -> str:
@@ -97,3 +99,65 @@ def plot_osgr(readers: Sequence[StoreReader], out: Path) -> Path:
     figure.tight_layout()
     figure.savefig(out)
     return Path(out)
+
+
+def plot_paths(
+    readers: Sequence[StoreReader],
+    out: Path,
+    layer: str | None = None,
+    bases: Sequence[int] | None = None,
+    device: str | None = None,
+) -> Path:
+    """ReLU path similarity over epochs (image-functions paper, Figures 1-3, 5 and 6).
+
+    Top: cross similarity (left, section 6.1) and self similarity (right, section 7.1), one line per
+    store and layer: the median over pairs (samples) with the 10%-90% band shaded. Bottom: for three
+    base samples (5, 10, 15 as in Figure 6, or the first three probes), the rank by overlap of every
+    probe while it is among the base's nearest 6 (rank 0 = nearest), in `layer` of the
+    first store (default: the second ReLU call site, the paper's "layer 2", or the only one).
+    """
+    figure = _figure(PATHS_SIZE)
+    grid = figure.add_gridspec(2, 6)
+    top = {"cross": figure.add_subplot(grid[0, :3]), "self": figure.add_subplot(grid[0, 3:])}
+    for reader in readers:
+        for kind, axes in top.items():
+            df = paths.run(reader, kind=kind, device=device)  # type: ignore[arg-type]
+            for name, part in df[df["n"] > 0].groupby("layer", sort=False):
+                label = f"{store_label(reader)}: {name}" if len(readers) > 1 else str(name)
+                (line,) = axes.plot(part["epoch"], part["q50"], marker=".", label=label)
+                axes.fill_between(part["epoch"], part["q10"], part["q90"], color=line.get_color(), alpha=0.15)
+    top["cross"].set(
+        xlabel="epoch t", ylabel="(p_i^t*p_j^t).(p_i^s*p_j^s) / norms", title="cross path similarity (section 6.1)"
+    )
+    top["self"].set(xlabel="epoch t", ylabel="p_i^t . p_i^s / norms", title="self similarity (section 7.1)")
+    for axes in top.values():
+        axes.set_ylim(top=1.01)
+        axes.legend(fontsize=7, ncol=2, title="layer", title_fontsize=7)
+    first = readers[0]
+    names = paths.layers_of(first)
+    chosen = paths.layers_of(first, layer)[0] if layer is not None else names[min(1, len(names) - 1)]
+    probes = int(first.lazy(f"acts/{chosen}/bits").shape[1])
+    if bases is None:
+        bases = list(RANK_BASES) if probes > max(RANK_BASES) else list(range(min(3, probes)))
+    ranks = paths.run(first, layer=chosen, kind="rank", pairs=True, bases=bases, device=device)
+    for k, base in enumerate(bases[:3]):
+        axes = figure.add_subplot(grid[1, 2 * k : 2 * k + 2])
+        _rank_panel(axes, ranks[ranks["base"] == base], int(base), chosen)
+    figure.tight_layout()
+    figure.savefig(out)
+    return Path(out)
+
+
+def _rank_panel(axes: Any, ranks: Any, base: int, layer: str) -> None:
+    """Rank over epochs of every probe that is among the base's nearest neighbours at some epoch."""
+    k = paths.NEAREST
+    epochs = np.sort(ranks["epoch"].unique())
+    near = ranks[ranks["rank"] < k]
+    for other in sorted(near["other"].unique()):
+        mine = ranks[ranks["other"] == other].set_index("epoch")["rank"]
+        series = mine.reindex(epochs).to_numpy(dtype=np.float64, copy=True)  # NaN where not ranked (empty path)
+        series[series >= k] = np.nan  # the paper restricts the plot to the nearest k
+        axes.plot(epochs, series, marker=".", label=str(other))
+    axes.set_ylim(k - 0.5, -0.5)
+    axes.set(xlabel="epoch", ylabel="rank by overlap (0 = nearest)", title=f"base {base}: nearest {k}, layer {layer}")
+    axes.legend(fontsize=6, ncol=2, title="probe", title_fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))

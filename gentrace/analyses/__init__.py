@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from gentrace.analyses import gsnr, osgr
+from gentrace.analyses import gsnr, osgr, paths
 
-ANALYSES: dict[str, Callable[..., pd.DataFrame]] = {"gsnr": gsnr.run, "osgr": osgr.run}
+ANALYSES: dict[str, Callable[..., pd.DataFrame]] = {"gsnr": gsnr.run, "osgr": osgr.run, "paths": paths.run}
 
-__all__ = ["ANALYSES", "gsnr", "osgr"]
+__all__ = ["ANALYSES", "gsnr", "osgr", "paths"]
