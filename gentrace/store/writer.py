@@ -176,6 +176,9 @@ def _array_kwargs(spec: schema.ArraySpec, rows: int) -> dict[str, Any]:
         "compressors": schema.CODECS[spec.codec](),
         "fill_value": spec.fill_value,
         "attributes": {**spec.attrs, "gentrace_codec": spec.codec},
+        # "c.5.0.0" files rather than c/5/0/0 directories: one file per chunk, no directory tree to
+        # create per row (zarr's default encoding with the "." separator; any zarr v3 reader follows it).
+        "chunk_key_encoding": {"name": "default", "separator": "."},
         "overwrite": True,
     }
 
