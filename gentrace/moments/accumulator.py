@@ -1,9 +1,9 @@
 """Moment accumulators: float64 sums and sign counts that merge associatively.
 
 Float64 because a sum of g^2 over tens of thousands of samples loses digits in float32; the store
-keeps float32/int32. Counts are kept as sign_sum = pos - neg and nonzero = pos + neg (exact
-integers in float64), the two quantities the Linear rule gets from its GEMMs, so adding a batch is
-one in-place kernel per accumulator. `merge` is what multi-process all-reduce and resumed
+keeps float32/int32. Counts are kept as sign_sum = pos - neg and nonzero = pos + neg (int32), the
+two quantities the Linear rule gets from its GEMMs, so adding a batch is one in-place kernel per
+accumulator, without a conversion for the counts. `merge` is what multi-process all-reduce and resumed
 accumulation rely on: merging the moments of disjoint sample sets equals accumulating over their union.
 """
 
@@ -24,7 +24,7 @@ def stats_of(g: torch.Tensor, signs: bool = True) -> Stats:
     if not signs:
         return s, sq, None, None
     sign = g.sign()
-    return s, sq, sign.sum(0), sign.abs().sum(0)
+    return s, sq, sign.sum(0, dtype=torch.int32), sign.abs().sum(0, dtype=torch.int32)
 
 
 def add_stats(total: Stats | None, more: Stats) -> Stats:
@@ -48,8 +48,8 @@ class TensorMoments:
     Attributes:
         sum: [*shape] float64, sum_i g_i.
         sumsq: [*shape] float64, sum_i g_i^2.
-        sign_sum: [*shape] float64, #{g_i > 0} - #{g_i < 0}.
-        nonzero: [*shape] float64, #{g_i != 0}.
+        sign_sum: [*shape] int32, #{g_i > 0} - #{g_i < 0}.
+        nonzero: [*shape] int32, #{g_i != 0} (so at most 2^31 - 1 samples per accumulation).
     """
 
     sum: torch.Tensor
@@ -61,17 +61,18 @@ class TensorMoments:
     def zeros(cls, shape: torch.Size | tuple[int, ...], device: torch.device) -> TensorMoments:
         """Empty accumulator for a tensor of `shape`."""
         f = torch.zeros(shape, dtype=torch.float64, device=device)
-        return cls(f, f.clone(), f.clone(), f.clone())
+        i = torch.zeros(shape, dtype=torch.int32, device=device)
+        return cls(f, f.clone(), i, i.clone())
 
     @property
     def pos(self) -> torch.Tensor:
         """#{i : g_i > 0} [*shape] int64."""
-        return ((self.nonzero + self.sign_sum) / 2).round().to(torch.int64)
+        return ((self.nonzero + self.sign_sum) // 2).to(torch.int64)
 
     @property
     def neg(self) -> torch.Tensor:
         """#{i : g_i < 0} [*shape] int64."""
-        return ((self.nonzero - self.sign_sum) / 2).round().to(torch.int64)
+        return ((self.nonzero - self.sign_sum) // 2).to(torch.int64)
 
     def zero_(self) -> None:
         """Reset in place (an engine reuses its accumulators: large float64 allocations are slow)."""
