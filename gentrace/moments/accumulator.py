@@ -41,7 +41,6 @@ def add_stats(total: Stats | None, more: Stats) -> Stats:
     return total
 
 
-@dataclass
 class TensorMoments:
     """Moments of one parameter tensor over the samples seen so far.
 
@@ -50,19 +49,55 @@ class TensorMoments:
         sumsq: [*shape] float64, sum_i g_i^2.
         sign_sum: [*shape] int32, #{g_i > 0} - #{g_i < 0}.
         nonzero: [*shape] int32, #{g_i != 0} (so at most 2^31 - 1 samples per accumulation).
+
+    The first batch after a reset is kept as it came (float32 GEMM results) and only folded into
+    the float64 accumulators when a second batch arrives or a value is read: a one-batch
+    accumulation then costs no conversion pass, and a reset costs nothing until it matters.
     """
 
-    sum: torch.Tensor
-    sumsq: torch.Tensor
-    sign_sum: torch.Tensor
-    nonzero: torch.Tensor
+    def __init__(self, sum: torch.Tensor, sumsq: torch.Tensor, sign_sum: torch.Tensor, nonzero: torch.Tensor) -> None:
+        self._acc = [sum, sumsq, sign_sum, nonzero]
+        self._first: Stats | None = None
+        self._stale = False  # the accumulators hold old values that count as zero
 
     @classmethod
     def zeros(cls, shape: torch.Size | tuple[int, ...], device: torch.device) -> TensorMoments:
         """Empty accumulator for a tensor of `shape`."""
         f = torch.zeros(shape, dtype=torch.float64, device=device)
         i = torch.zeros(shape, dtype=torch.int32, device=device)
-        return cls(f, f.clone(), i, i.clone())
+        empty = cls(f, f.clone(), i, i.clone())
+        empty._stale = True  # lets the first batch stay unconverted
+        return empty
+
+    def _settled(self) -> list[torch.Tensor]:
+        if self._stale:
+            for acc in self._acc:
+                acc.zero_()
+            self._stale = False
+        if self._first is not None:
+            first, self._first = self._first, None
+            self.add(first)
+        return self._acc
+
+    @property
+    def sum(self) -> torch.Tensor:
+        """sum_i g_i [*shape] float64."""
+        return self._settled()[0]
+
+    @property
+    def sumsq(self) -> torch.Tensor:
+        """sum_i g_i^2 [*shape] float64."""
+        return self._settled()[1]
+
+    @property
+    def sign_sum(self) -> torch.Tensor:
+        """#{g_i > 0} - #{g_i < 0} [*shape] int32."""
+        return self._settled()[2]
+
+    @property
+    def nonzero(self) -> torch.Tensor:
+        """#{g_i != 0} [*shape] int32."""
+        return self._settled()[3]
 
     @property
     def pos(self) -> torch.Tensor:
@@ -75,13 +110,17 @@ class TensorMoments:
         return ((self.nonzero - self.sign_sum) // 2).to(torch.int64)
 
     def zero_(self) -> None:
-        """Reset in place (an engine reuses its accumulators: large float64 allocations are slow)."""
-        for acc in (self.sum, self.sumsq, self.sign_sum, self.nonzero):
-            acc.zero_()
+        """Reset (lazily: an engine reuses its accumulators, and large float64 writes are slow)."""
+        self._first = None
+        self._stale = True
 
     def add(self, stats: Stats) -> None:
-        """Add one batch's (sum, sumsq, sign_sum, nonzero), converting to float64 inside the add."""
-        for acc, value in zip((self.sum, self.sumsq, self.sign_sum, self.nonzero), stats, strict=True):
+        """Add one batch's (sum, sumsq, sign_sum, nonzero), converting to float64 / int32 inside the add."""
+        if self._stale and self._first is None:
+            self._first = stats
+            return
+        accs = self._settled()
+        for acc, value in zip(accs, stats, strict=True):
             if value is not None:
                 acc.add_(value)
 
@@ -93,6 +132,9 @@ class TensorMoments:
             self.sign_sum + other.sign_sum,
             self.nonzero + other.nonzero,
         )
+
+    def __repr__(self) -> str:
+        return f"TensorMoments(shape={tuple(self._acc[0].shape)})"
 
 
 @dataclass

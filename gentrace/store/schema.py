@@ -256,3 +256,15 @@ def checkpoint_array(step: int, nbytes: int) -> ArraySpec:
 
 def _small_chunk(rows: int) -> int:
     return max(1, min(SMALL_ROWS_PER_CHUNK, rows))
+
+
+DERIVED_MI_GROUP = "derived/mi"
+
+
+def mi_reference_array(reference: str, split: str, replicates: int, n: int, attrs: Mapping[str, Any]) -> ArraySpec:
+    """`derived/mi/<reference>/<split>` [M, n_split] int16: a reference classifier's class per sample.
+
+    Written whole, once, by gentrace.analyses.mi_references (not a stream: not listed in `committed`);
+    one chunk holds every replicate. `attrs` say what the reference was fitted on.
+    """
+    return ArraySpec(f"{DERIVED_MI_GROUP}/{reference}/{split}", (n,), "int16", "count", max(1, replicates), attrs)
