@@ -47,6 +47,24 @@ class PathKind(StrEnum):
     ratio = "ratio"
 
 
+class MiReference(StrEnum):
+    """Reference classifier L of `analyze mi` (gentrace.analyses.mi_references)."""
+
+    linear = "linear"
+    fit_linear = "fit-linear"
+    null = "null"
+    cnn2 = "cnn2"
+    cnn4 = "cnn4"
+    cnn6 = "cnn6"
+
+
+class MiSplit(StrEnum):
+    """The split that stands for the population in `analyze mi`."""
+
+    test = "test"
+    train = "train"
+
+
 class Format(StrEnum):
     """Table formats of gentrace.report."""
 
@@ -150,6 +168,27 @@ def analyze_paths(
     _emit(paths.frames(StoreReader(store), layer, kind.value, pairs, device=device), fmt, out)
 
 
+@analyze_app.command("mi")
+@user_errors
+def analyze_mi(
+    store: StoreArg,
+    reference: Annotated[
+        MiReference,
+        typer.Option(help="L: logistic regression, linear fit of f_T0, null model, or a K-layer CNN fit to f_final."),
+    ] = MiReference.linear,
+    split: Annotated[MiSplit, typer.Option(help="The split standing for the population.")] = MiSplit.test,
+    summary: Annotated[
+        bool, typer.Option("--summary", help="T0 and mu(F_T0;L)/I(F_T0;Y) for the reference and the null model.")
+    ] = False,
+    fmt: FormatOpt = Format.csv,
+    out: OutOpt = None,
+) -> None:
+    """I(F_t;Y), I(F_t;Y_S), mu(F_t;L) and the conditional informations per recorded step, in bits."""
+    from gentrace.analyses import mi
+
+    _emit(mi.run(StoreReader(store), reference.value, split.value, summary=summary), fmt, out)
+
+
 @plot_app.command("gsnr")
 @user_errors
 def plot_gsnr(stores: StoresArg, out: FigureOpt) -> None:
@@ -188,3 +227,18 @@ def plot_paths(
     _writable(out)
     readers = [StoreReader(store) for store in stores]
     typer.echo(str(plots.plot_paths(readers, out, layer=layer, device=device)), err=True)
+
+
+@plot_app.command("mi")
+@user_errors
+def plot_mi(
+    stores: StoresArg,
+    out: FigureOpt,
+    reference: Annotated[MiReference, typer.Option(help="The reference classifier L.")] = MiReference.linear,
+) -> None:
+    """I(F_t;Y) and mu(F_t;L) over steps with I(L;Y) as a horizontal line (the paper's Figure 4)."""
+    from gentrace import plots
+
+    _writable(out)
+    readers = [StoreReader(store) for store in stores]
+    typer.echo(str(plots.plot_mi(readers, out, reference=reference.value)), err=True)

@@ -115,9 +115,14 @@ class ParamsFineRecord:
 
 @dataclass(frozen=True)
 class PredictionsRecord:
-    """`record.predictions`: predicted class (or output) of every sample per split every N epochs."""
+    """`record.predictions`: predicted class (or output) of every sample per split.
+
+    At the end of every N-th epoch (`every_epochs`) and/or every N optimizer steps (`every_steps`,
+    for the fine time resolution the increasing-complexity analyses want early in training); 0 = off.
+    """
 
     every_epochs: int = field(default=1, metadata=_check(0))
+    every_steps: int = field(default=0, metadata=_check(0))
     splits: tuple[Literal["train", "test"], ...] = ("train", "test")
 
 

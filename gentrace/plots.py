@@ -2,7 +2,7 @@
 
 Figures are drawn on the Agg canvas through matplotlib's object API (no pyplot), so plotting from
 a notebook never switches the user's backend. Sizes are fixed in inches at 100 dpi, so a figure's
-pixel size is known: GSNR_SIZE, OSGR_SIZE and PATHS_SIZE times DPI.
+pixel size is known: GSNR_SIZE, OSGR_SIZE, PATHS_SIZE and MI_SIZE times DPI.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from gentrace.analyses import gsnr, osgr, paths
+from gentrace.analyses import gsnr, mi, osgr, paths
 from gentrace.errors import AnalysisInputError
 from gentrace.store.reader import StoreReader
 
@@ -21,6 +21,7 @@ DPI = 100
 GSNR_SIZE = (10.0, 4.0)  # inches: two panels side by side
 OSGR_SIZE = (5.0, 5.0)
 PATHS_SIZE = (15.0, 8.0)  # inches: cross and self on top, three rank panels below
+MI_SIZE = (7.0, 4.5)
 RANK_BASES = (5, 10, 15)  # the base images of the paper's Figure 6
 
 
@@ -96,6 +97,37 @@ def plot_osgr(readers: Sequence[StoreReader], out: Path) -> Path:
         title=f"OSGR, Pearson r = {osgr.pearson(x, y):.3f}",
     )
     axes.legend()
+    figure.tight_layout()
+    figure.savefig(out)
+    return Path(out)
+
+
+def plot_mi(readers: Sequence[StoreReader], out: Path, reference: str = "linear") -> Path:
+    """I(F_t;Y) and mu_Y(F_t;L) over steps, I(L;Y) as a horizontal line (increasing-complexity paper, Figure 4).
+
+    One pair of lines per store (replicate 0 when a run has several), the test accuracy on a right
+    axis, and T0 (the first step with I(F_t;Y) >= I(L;Y)) marked by a dotted vertical line.
+    """
+    figure = _figure(MI_SIZE)
+    axes = figure.subplots()
+    right = axes.twinx()
+    for reader in readers:
+        df = mi.run(reader, reference=reference)
+        if "replicate" in df:
+            df = df[df["replicate"] == 0]
+        name = store_label(reader)
+        prefix = f"{name}: " if len(readers) > 1 else ""
+        (line,) = axes.plot(df["step"], df["mi_fy"], marker=".", label=f"{prefix}I(F_t;Y)")
+        axes.plot(df["step"], df["mu"], marker=".", linestyle="--", color=line.get_color(), label=f"{prefix}mu(F_t;L)")
+        mi_ly = float(df["mi_ly"].iloc[0])
+        axes.axhline(mi_ly, color=line.get_color(), linestyle=":", linewidth=1, label=f"{prefix}I(L;Y) ({reference})")
+        t0 = mi.first_reaching(df["mi_fy"].to_numpy(), mi_ly)
+        if t0 is not None:
+            axes.axvline(float(df["step"].iloc[t0]), color="grey", linestyle=":", linewidth=1)
+        right.plot(df["step"], df["acc"], color=line.get_color(), alpha=0.3, linewidth=1)
+    axes.set(xlabel="SGD step", ylabel="bits", title=f"mutual information, reference {reference} (Fig. 4)")
+    right.set_ylabel("test accuracy (faint)")
+    axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out)
     return Path(out)

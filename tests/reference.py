@@ -178,3 +178,50 @@ def write_store(
         writer.put(RowBlock("metrics", 0, metrics))
     writer.close("complete")
     return path
+
+
+# -- mutual information by explicit counting (mi analysis) ----------------------------------------
+def counts_of(*columns: Sequence[int]) -> dict[tuple[int, ...], int]:
+    """How often each tuple of values occurs across the columns (a dict, one Python loop)."""
+    counts: dict[tuple[int, ...], int] = {}
+    for i in range(len(columns[0])):
+        key = tuple(int(c[i]) for c in columns)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def entropy_by_counting(*columns: Sequence[int]) -> float:
+    """Plug-in entropy in bits of the joint of `columns`: -sum p log2 p over counted tuples."""
+    n = len(columns[0])
+    return -sum((c / n) * math.log2(c / n) for c in counts_of(*columns).values())
+
+
+def mi_by_counting(f: Sequence[int], y: Sequence[int], l: Sequence[int]) -> dict[str, float]:  # noqa: E741
+    """I(F;Y), I(F;Y|L), I(L;Y|F), I(L;Y), mu from the definitions as sums over counted outcomes.
+
+    I(A;B) = sum p(a,b) log2 p(a,b) / (p(a) p(b));  I(A;B|C) = sum p(a,b,c) log2 p(c) p(a,b,c) / (p(a,c) p(b,c)).
+    """
+    n = len(f)
+
+    def mi(a: Sequence[int], b: Sequence[int]) -> float:
+        pa, pb = counts_of(a), counts_of(b)
+        return sum(
+            (c / n) * math.log2((c / n) / ((pa[(x,)] / n) * (pb[(z,)] / n))) for (x, z), c in counts_of(a, b).items()
+        )
+
+    def cmi(a: Sequence[int], b: Sequence[int], cond: Sequence[int]) -> float:
+        pc, pac, pbc = counts_of(cond), counts_of(a, cond), counts_of(b, cond)
+        return sum(
+            (c / n) * math.log2((pc[(w,)] * c) / (pac[(x, w)] * pbc[(z, w)]))
+            for (x, z, w), c in counts_of(a, b, cond).items()
+        )
+
+    mi_fy = mi(f, y)
+    mi_fy_given_l = cmi(f, y, l)
+    return {
+        "mi_fy": mi_fy,
+        "mi_ly": mi(l, y),
+        "mi_fy_given_l": mi_fy_given_l,
+        "mi_ly_given_f": cmi(l, y, f),
+        "mu": mi_fy - mi_fy_given_l,
+    }

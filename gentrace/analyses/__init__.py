@@ -11,8 +11,13 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from gentrace.analyses import gsnr, osgr, paths
+from gentrace.analyses import gsnr, mi, osgr, paths
 
-ANALYSES: dict[str, Callable[..., pd.DataFrame]] = {"gsnr": gsnr.run, "osgr": osgr.run, "paths": paths.run}
+ANALYSES: dict[str, Callable[..., pd.DataFrame]] = {
+    "gsnr": gsnr.run,
+    "mi": mi.run,
+    "osgr": osgr.run,
+    "paths": paths.run,
+}
 
-__all__ = ["ANALYSES", "gsnr", "osgr", "paths"]
+__all__ = ["ANALYSES", "gsnr", "mi", "osgr", "paths"]

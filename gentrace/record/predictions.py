@@ -10,13 +10,13 @@ from gentrace.config import is_regression
 from gentrace.losses import predict
 from gentrace.record.base import Probe, RunContext
 from gentrace.record.evaluator import Evaluator
-from gentrace.schedules import every_epochs
+from gentrace.schedules import every_epochs, every_steps
 from gentrace.store import schema
 from gentrace.store.writer import RowBlock
 
 
 class PredictionsProbe(Probe):
-    """Writes `preds/<split> [Q, M, n_split]` (int16 class or float32 output), `preds/step`, `preds/epoch`."""
+    """Writes `preds/<split> [Q, M, n_split]` (int16 class or float32 output) and `preds/step` [Q]."""
 
     name = "preds"
     buffer_limit = 16
@@ -25,8 +25,15 @@ class PredictionsProbe(Probe):
         super().__init__(ctx)
         self.evaluator = evaluator
         self.splits = list(ctx.cfg.record.predictions.splits)
-        self.steps = set(every_epochs(ctx.cfg.record.predictions.every_epochs, ctx.timeline))
+        rec = ctx.cfg.record.predictions
+        self.steps = set(every_epochs(rec.every_epochs, ctx.timeline)) | set(every_steps(rec.every_steps, ctx.timeline))
         self.regression = is_regression(ctx.cfg.data)
+
+    @staticmethod
+    def wanted(ctx: RunContext) -> bool:
+        """Whether the config records predictions at all."""
+        rec = ctx.cfg.record.predictions
+        return bool(rec.every_epochs or rec.every_steps) and bool(rec.splits)
 
     def streams(self) -> list[schema.StreamSpec]:
         """One `preds` stream with a row per recorded epoch."""

@@ -32,7 +32,7 @@ ProbeFactory = Callable[[RunContext, Evaluator], Probe | None]
 PROBES: dict[str, ProbeFactory] = {
     "metrics_fine": lambda ctx, ev: MetricsFineProbe(ctx),
     "metrics": lambda ctx, ev: MetricsProbe(ctx, ev),
-    "preds": lambda ctx, ev: PredictionsProbe(ctx, ev) if ctx.cfg.record.predictions.every_epochs else None,
+    "preds": lambda ctx, ev: PredictionsProbe(ctx, ev) if PredictionsProbe.wanted(ctx) else None,
     "grad": lambda ctx, ev: grad_moments_probe(ctx),
     "acts": lambda ctx, ev: activations_probe(ctx),
     "params_fine": lambda ctx, ev: params_fine_probe(ctx),

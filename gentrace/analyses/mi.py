@@ -1,0 +1,363 @@
+"""Mutual information of predictions and labels, and performance correlation with a simpler classifier.
+
+Nakkiran et al., "SGD on neural networks learns functions of increasing complexity" (NeurIPS 2019;
+shared/papers/sgd-increasing-complexity-mutual-information.txt). From the stored predicted classes
+F_t of the network at each recorded step, the labels Y and the predictions L of a reference
+classifier on the same samples (SPEC section 5, `mi`), all in bits:
+
+    I(F;Y)   = H(F) + H(Y) - H(F,Y)                           section 2.1
+    I(F;Y|L) = H(F,L) + H(Y,L) - H(F,Y,L) - H(L)              section 2.1
+    I(L;Y|F) = H(L,F) + H(Y,F) - H(F,Y,L) - H(F)
+    mu       = mu_Y(F;L) = I(F;Y) - I(F;Y|L) = I(L;Y) - I(L;Y|F)   Definition 1 (chain rule, footnote 3)
+    T0       = the first recorded step with I(F_t;Y) >= I(L;Y)   section 3, "Results and Discussion"
+
+Estimator. Entropies are plug-in (maximum-likelihood) entropies of the empirical joint histogram of
+the n samples of a split: H = -sum_c (c/n) log2(c/n). The histogram of (F_t, Y, L) for every recorded
+step at once is one `np.bincount` over the combined code ((q*K + f)*K + y)*K + l, so all steps and
+columns cost one pass over Q x n int16 values. Because every quantity comes from the same joint
+histogram, the chain-rule identity above holds exactly (to rounding), not only in expectation.
+
+Plug-in bias. The plug-in MI of two independent variables with K_a and K_b values is not 0 but
+positive, about (K_a - 1)(K_b - 1) / (2 n ln 2) bits (Miller-Madow); for binary F, Y and n = 10,000
+test samples that is ~7e-5 bits, for 10 classes ~6e-3 bits. The conditional MI carries the bias of
+each L-slice. No bias correction is applied: it is small against the signals of the paper (0.1-0.9
+bits) at these n.
+
+Splits. `--split test` (default) uses the test set as the population, as the paper does; `mi_fy_train`
+is always I(F_t;Y_S) on the replicate's own training samples (section 2.1), NaN when the train split
+was not recorded. `acc` is P[F_t = Y] on the chosen split.
+
+Null model (footnote 7). L~(X) = Y with probability p and a uniformly random class otherwise, with p
+in [0, 1] set by bisection so that I(L~;Y) = I(L;Y) under the split's empirical label distribution.
+Instead of drawing one random L~, the joint of (F_t, Y, L~) is the exact expectation
+P(f, y) * P(l | y) with P(l | y) = p [l = y] + (1 - p) / K: the null ratio then carries no sampling
+noise (a single draw would add plug-in noise of the size above).
+
+References (the `L`) are computed by gentrace.analyses.mi_references and cached in the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import numpy as np
+import pandas as pd
+
+from gentrace.analyses.gsnr import epochs_of
+from gentrace.errors import AnalysisInputError, MissingStreamError
+from gentrace.store.reader import StoreReader
+
+Split = Literal["test", "train"]
+SPLITS: tuple[str, ...] = get_args(Split)
+COLUMNS = ["step", "epoch", "acc", "mi_fy", "mi_fy_train", "mu", "mi_fy_given_l", "mi_ly_given_f", "mi_ly"]
+SUMMARY_COLUMNS = [
+    "reference",
+    "t0_step",
+    "t0_epoch",
+    "mi_ly",
+    "mi_fy_t0",
+    "mu_t0",
+    "ratio",
+    "null_p",
+    "mu_null_t0",
+    "ratio_null",
+]
+MISSING = ("predictions", "record.predictions.every_epochs")
+
+
+# -- plug-in information from histograms ---------------------------------------------------------
+def entropy_bits(counts: np.ndarray, axes: Sequence[int]) -> np.ndarray:
+    """Plug-in entropy in bits of the histogram `counts` summed over every axis not in `axes`.
+
+    Args:
+        counts: [Q, *bins] float64 joint counts (or probabilities) per row q.
+        axes: the bin axes (1-based, after Q) of the variables whose joint entropy is wanted.
+
+    Returns:
+        [Q] float64: -sum p log2 p with p the normalized marginal histogram of those variables.
+    """
+    drop = tuple(a for a in range(1, counts.ndim) if a not in axes)
+    marginal = counts.sum(axis=drop) if drop else counts
+    flat = marginal.reshape(len(marginal), -1)
+    p = flat / flat.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log2(np.where(p > 0, p, 1.0)), 0.0)
+    return terms.sum(axis=1)
+
+
+def joint_counts(codes: Sequence[np.ndarray], k: int) -> np.ndarray:
+    """Joint histogram [Q, k, ..., k] float64 of discrete variables per row, by one bincount.
+
+    Args:
+        codes: each [Q, n] or [n] (broadcast over Q) integer values in 0..k-1.
+        k: number of values of every variable (the number of classes).
+    """
+    arrays = [np.asarray(c, dtype=np.int64) for c in codes]
+    q = max((a.shape[0] for a in arrays if a.ndim == 2), default=1)
+    n = arrays[0].shape[-1]
+    combined = np.broadcast_to(np.arange(q, dtype=np.int64)[:, None], (q, n)).copy()
+    for a in arrays:
+        if a.size and (a.min() < 0 or a.max() >= k):
+            raise AnalysisInputError(f"mi: class values must lie in 0..{k - 1}, found {a.min()}..{a.max()}")
+        combined *= k
+        combined += a  # broadcasts a [n] label vector over the Q rows
+    size = q * k ** len(arrays)
+    return np.bincount(combined.ravel(), minlength=size).astype(np.float64).reshape(q, *([k] * len(arrays)))
+
+
+def mutual_information(counts: np.ndarray) -> np.ndarray:
+    """I(A;B) in bits per row of a joint histogram counts [Q, K_a, K_b]."""
+    return entropy_bits(counts, (1,)) + entropy_bits(counts, (2,)) - entropy_bits(counts, (1, 2))
+
+
+def information(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Every quantity of the module docstring from joint histograms counts [Q, K_f, K_y, K_l] (axes F, Y, L).
+
+    Returns:
+        mi_fy, mi_fy_given_l, mi_ly_given_f, mi_ly, mu, acc-free: each [Q] float64 bits.
+    """
+    h_f, h_y, h_l = (entropy_bits(counts, (a,)) for a in (1, 2, 3))
+    h_fy, h_fl, h_yl = entropy_bits(counts, (1, 2)), entropy_bits(counts, (1, 3)), entropy_bits(counts, (2, 3))
+    h_fyl = entropy_bits(counts, (1, 2, 3))
+    mi_fy = h_f + h_y - h_fy
+    mi_fy_given_l = h_fl + h_yl - h_fyl - h_l
+    return {
+        "mi_fy": mi_fy,
+        "mu": mi_fy - mi_fy_given_l,
+        "mi_fy_given_l": mi_fy_given_l,
+        "mi_ly_given_f": h_fl + h_fy - h_fyl - h_f,
+        "mi_ly": h_l + h_y - h_yl,
+    }
+
+
+# -- the null model (footnote 7) -----------------------------------------------------------------
+def null_channel(p: float, k: int) -> np.ndarray:
+    """P(L~ = l | Y = y) [K_y, K_l] of the null model: Y with probability p, uniformly random otherwise."""
+    return p * np.eye(k) + (1.0 - p) / k
+
+
+def null_information(label_counts: np.ndarray, p: float) -> float:
+    """I(L~;Y) in bits for labels with histogram label_counts [K] and the null model with parameter p."""
+    k = len(label_counts)
+    joint = label_counts[:, None] * null_channel(p, k)
+    return float(mutual_information(joint[None])[0])
+
+
+def null_p(label_counts: np.ndarray, target_bits: float, tol: float = 1e-12) -> float:
+    """The p in [0, 1] with I(L~;Y) = target_bits (bisection: I(L~;Y) increases with p from 0 to H(Y))."""
+    low, high = 0.0, 1.0
+    if target_bits >= null_information(label_counts, 1.0):
+        return 1.0
+    if target_bits <= 0:
+        return 0.0
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        if null_information(label_counts, mid) < target_bits:
+            low = mid
+        else:
+            high = mid
+        if high - low < tol:
+            break
+    return 0.5 * (low + high)
+
+
+def null_counts(fy_counts: np.ndarray, p: float) -> np.ndarray:
+    """Expected joint counts [Q, K, K, K] of (F, Y, L~) from counts of (F, Y) [Q, K, K] (L~ given Y only)."""
+    k = fy_counts.shape[-1]
+    return fy_counts[..., None] * null_channel(p, k)[None, None]
+
+
+# -- the analysis --------------------------------------------------------------------------------
+def compute(
+    preds: np.ndarray,
+    labels: np.ndarray,
+    reference: np.ndarray | None,
+    step: np.ndarray,
+    epoch: np.ndarray,
+    num_classes: int,
+    *,
+    preds_train: np.ndarray | None = None,
+    labels_train: np.ndarray | None = None,
+    null: float | None = None,
+) -> pd.DataFrame:
+    """The `mi` columns of one replicate at every recorded step (pure: arrays in, DataFrame out).
+
+    Args:
+        preds: [Q, n] predicted classes F_t on the chosen split.
+        labels: [n] labels Y of that split.
+        reference: [n] reference predictions L on the same samples; None with `null`.
+        step: [Q] optimizer steps.
+        epoch: [Q] completed epochs.
+        num_classes: K; every class value lies in 0..K-1.
+        preds_train: [Q, n_s] predictions on the replicate's training samples (for mi_fy_train).
+        labels_train: [n_s] their labels Y_S.
+        null: instead of `reference`, the null model L~ with this p (expected joint, footnote 7).
+
+    Returns:
+        One row per step with COLUMNS (bits; acc = P[F_t = Y]).
+    """
+    preds = np.asarray(preds)
+    if reference is not None:
+        counts = joint_counts([preds, labels, reference], num_classes)
+    elif null is not None:
+        counts = null_counts(joint_counts([preds, labels], num_classes), null)
+    else:
+        raise AnalysisInputError("mi: give reference predictions or a null-model p")
+    info = information(counts)
+    if preds_train is not None and labels_train is not None:
+        mi_train = mutual_information(joint_counts([preds_train, labels_train], num_classes))
+    else:
+        mi_train = np.full(len(preds), np.nan)
+    acc = (preds == np.asarray(labels)[None]).mean(axis=1) if preds.shape[1] else np.full(len(preds), np.nan)
+    return pd.DataFrame(
+        {
+            "step": np.asarray(step, dtype=np.int64),
+            "epoch": np.asarray(epoch, dtype=np.int64),
+            "acc": acc.astype(np.float64),
+            "mi_fy": info["mi_fy"],
+            "mi_fy_train": mi_train,
+            "mu": info["mu"],
+            "mi_fy_given_l": info["mi_fy_given_l"],
+            "mi_ly_given_f": info["mi_ly_given_f"],
+            "mi_ly": info["mi_ly"],
+        },
+        columns=COLUMNS,
+    )
+
+
+def first_reaching(mi_fy: np.ndarray, mi_ly: float) -> int | None:
+    """Index of T0: the first row with I(F_t;Y) >= I(L;Y), or None if training never gets there."""
+    hits = np.flatnonzero(np.asarray(mi_fy) >= mi_ly)
+    return int(hits[0]) if hits.size else None
+
+
+def summarize(
+    table: pd.DataFrame, preds: np.ndarray, labels: np.ndarray, num_classes: int, reference_name: str
+) -> dict[str, object]:
+    """The summary of one replicate: mu(F_T0;L)/I(F_T0;Y) for the reference and for its null model.
+
+    Args:
+        table: `compute`'s rows for this replicate.
+        preds: [Q, n] the same predictions.
+        labels: [n] the labels.
+        num_classes: K.
+        reference_name: written into the `reference` column.
+
+    Returns:
+        SUMMARY_COLUMNS; t0 and the ratios are NaN when I(F_t;Y) never reaches I(L;Y).
+    """
+    mi_ly = float(table["mi_ly"].iloc[0]) if len(table) else float("nan")
+    label_counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    p = null_p(label_counts, mi_ly) if np.isfinite(mi_ly) else float("nan")
+    t0 = first_reaching(table["mi_fy"].to_numpy(), mi_ly) if len(table) else None
+    row: dict[str, object] = {"reference": reference_name, "mi_ly": mi_ly, "null_p": p}
+    if t0 is None:
+        nan = float("nan")
+        row.update(t0_step=-1, t0_epoch=-1, mi_fy_t0=nan, mu_t0=nan, ratio=nan, mu_null_t0=nan, ratio_null=nan)
+        return row
+    fy = joint_counts([np.asarray(preds)[t0 : t0 + 1], labels], num_classes)
+    mu_null = float(information(null_counts(fy, p))["mu"][0])
+    mi_fy = float(table["mi_fy"].iloc[t0])
+    mu = float(table["mu"].iloc[t0])
+    row.update(
+        t0_step=int(table["step"].iloc[t0]),
+        t0_epoch=int(table["epoch"].iloc[t0]),
+        mi_fy_t0=mi_fy,
+        mu_t0=mu,
+        ratio=mu / mi_fy if mi_fy > 0 else float("nan"),
+        mu_null_t0=mu_null,
+        ratio_null=mu_null / mi_fy if mi_fy > 0 else float("nan"),
+    )
+    return row
+
+
+def check_classification(reader: StoreReader) -> int:
+    """The store's number of classes K; AnalysisInputError for a regression store."""
+    reader.require("preds", *MISSING)
+    k = int(reader.attrs.get("num_classes", 0) or 0)
+    if reader.attrs.get("loss") == "mse" or k < 2:
+        raise AnalysisInputError(
+            f"{reader.path}: mi needs class predictions, but this run is a regression "
+            f"(loss {reader.attrs.get('loss')!r}); mutual information of predicted classes does not apply"
+        )
+    return k
+
+
+def run(
+    reader: StoreReader,
+    reference: str = "linear",
+    split: Split = "test",
+    *,
+    summary: bool = False,
+    cache: bool = True,
+) -> pd.DataFrame:
+    """The `mi` table of a store (SPEC section 5, `gentrace analyze mi`).
+
+    Args:
+        reader: an opened store with class predictions (`record.predictions`).
+        reference: linear | fit-linear | null | cnn2 | cnn4 | cnn6 (see mi_references). `null` is the
+            null model matched to the `linear` reference's I(L;Y) (footnote 7).
+        split: the split standing for the population (test, as in the paper, or train).
+        summary: one row per replicate with T0 and the ratios (SUMMARY_COLUMNS) instead of per-step rows.
+        cache: store computed references in the store's `derived/mi` group when it is writable.
+
+    Returns:
+        COLUMNS per recorded step (with a `replicate` column first when the run has M > 1 replicates),
+        or the summary.
+
+    Raises:
+        MissingStreamError: no predictions (or not of `split`).
+        AnalysisInputError: a regression store, an unknown reference or split.
+    """
+    from gentrace.analyses import mi_references
+
+    if split not in SPLITS:
+        raise AnalysisInputError(f"mi: split must be one of {', '.join(SPLITS)}, not {split!r}")
+    k = check_classification(reader)
+    if f"preds/{split}" not in reader.streams()["preds"]:
+        raise MissingStreamError(
+            f"{reader.path}: this run has no {split} predictions; record them with record.predictions.splits"
+        )
+    steps = reader.array("preds/step")
+    q = len(steps)  # read once: a live run may commit more rows meanwhile
+    epochs = epochs_of(reader, steps)
+    preds = np.asarray(reader.lazy(f"preds/{split}")[:q])  # [Q, M, n]
+    has_train = "preds/train" in reader.streams()["preds"]
+    preds_train = np.asarray(reader.lazy("preds/train")[:q]) if has_train else None
+    labels_train = reader.array("data/labels_train")  # [M, n_s]
+    labels = reader.array("data/labels_test") if split == "test" else None
+    if reference not in (*mi_references.REFERENCES, "null"):
+        choices = ", ".join((*mi_references.REFERENCES, "null"))
+        raise AnalysisInputError(f"mi: reference must be one of {choices}, not {reference!r}")
+    fitted = "linear" if reference == "null" else reference
+    ref_preds = mi_references.reference_predictions(reader, fitted, split, cache=cache)  # [M, n]
+    replicates = preds.shape[1]
+    frames, rows = [], []
+    for m in range(replicates):
+        y = labels if labels is not None else labels_train[m]
+        p = None
+        if reference == "null":
+            y_counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=k).astype(np.float64)
+            p = null_p(y_counts, float(mutual_information(joint_counts([ref_preds[m], y], k))[0]))
+        table = compute(
+            preds[:, m],
+            y,
+            None if p is not None else ref_preds[m],
+            steps,
+            epochs,
+            k,
+            preds_train=preds_train[:, m] if preds_train is not None else None,
+            labels_train=labels_train[m],
+            null=p,
+        )
+        if summary:
+            rows.append({"replicate": m, **summarize(table, preds[:, m], y, k, reference)})
+        else:
+            if replicates > 1:
+                table.insert(0, "replicate", m)
+            frames.append(table)
+    if summary:
+        out = pd.DataFrame(rows, columns=["replicate", *SUMMARY_COLUMNS])
+        return out if replicates > 1 else out.drop(columns="replicate")
+    return pd.concat(frames, ignore_index=True)
