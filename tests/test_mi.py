@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,22 +127,6 @@ def test_first_reaching() -> None:
     assert mi.first_reaching(np.array([0.1, 0.2]), 0.3) is None
 
 
-def test_all_columns_of_100_steps_by_10000_samples_in_well_under_a_second() -> None:
-    rng = np.random.default_rng(4)
-    y = rng.integers(0, 2, 10_000).astype(np.int16)
-    f = noisy_copy(rng, y, 2, 0.8).astype(np.int16)[None].repeat(100, axis=0)
-    l = noisy_copy(rng, y, 2, 0.7).astype(np.int16)  # noqa: E741
-    steps = np.arange(100)
-    mi.compute(f, y, l, steps, steps, 2, preds_train=f, labels_train=y)  # warm up
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        mi.compute(f, y, l, steps, steps, 2, preds_train=f, labels_train=y)
-        best = min(best, time.perf_counter() - start)
-    print(f"mi.compute, 100 steps x 10,000 samples: {best * 1e3:.1f} ms")
-    assert best < 0.25
-
-
 # -- on recorded stores ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -159,15 +142,14 @@ def test_registry_and_columns(digits: Path) -> None:
     assert (df.mi_fy_train.notna()).all()
 
 
-def test_reference_is_cached_and_reused(digits: Path) -> None:
+def test_reference_is_cached_and_reused(digits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reader = StoreReader(digits)
     first = mi.run(reader)
     array = reader.lazy(f"{schema.DERIVED_MI_GROUP}/linear/test")
     assert array.shape == (1, 797)
     assert array.attrs["fitted_on_step"] == [-1]
-    start = time.perf_counter()
+    monkeypatch.setattr(mi_references, "_fit", lambda *args, **kwargs: pytest.fail("refitted a cached reference"))
     again = mi.run(reader)
-    assert time.perf_counter() - start < 0.5
     pd.testing.assert_frame_equal(first, again)
     train = mi_references.reference_predictions(reader, "linear", "train")
     assert train.shape == (1, 1000)
