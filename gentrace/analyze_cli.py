@@ -189,26 +189,27 @@ def analyze_mi(
     _emit(mi.run(StoreReader(store), reference.value, split.value, summary=summary), fmt, out)
 
 
-@plot_app.command("gsnr")
-@user_errors
-def plot_gsnr(stores: StoresArg, out: FigureOpt) -> None:
-    """Mean GSNR and same-sign fraction over steps, one line per store (e.g. real vs random labels)."""
+def _plot(name: str, stores: list[Path], out: Path) -> None:
+    """Open the stores, draw with `plots.<name>` into `out` (matplotlib imported only now), say where."""
     from gentrace import plots
 
     _writable(out)
     readers = [StoreReader(store) for store in stores]
-    typer.echo(str(plots.plot_gsnr(readers, out)), err=True)
+    typer.echo(str(getattr(plots, name)(readers, out)), err=True)
+
+
+@plot_app.command("gsnr")
+@user_errors
+def plot_gsnr(stores: StoresArg, out: FigureOpt) -> None:
+    """Mean GSNR and same-sign fraction over steps, one line per store (e.g. real vs random labels)."""
+    _plot("plot_gsnr", stores, out)
 
 
 @plot_app.command("osgr")
 @user_errors
 def plot_osgr(stores: StoresArg, out: FigureOpt) -> None:
     """OSGR left vs right side of eq. 17 per recorded step, with the Pearson r in the title."""
-    from gentrace import plots
-
-    _writable(out)
-    readers = [StoreReader(store) for store in stores]
-    typer.echo(str(plots.plot_osgr(readers, out)), err=True)
+    _plot("plot_osgr", stores, out)
 
 
 @plot_app.command("paths")
