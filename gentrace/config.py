@@ -160,6 +160,17 @@ class ActivationsRecord:
 
 
 @dataclass(frozen=True)
+class LipschitzFineRecord:
+    """`record.lipschitz_fine`: the local Lipschitz constant at the sampled training points, every N steps.
+
+    Measured inside the training step (BTH paper, section 3): the norm of the input gradient of the
+    model's output at each point of the batch; 0 = off.
+    """
+
+    every_steps: int = field(default=0, metadata=_check(0))
+
+
+@dataclass(frozen=True)
 class RecordConfig:
     """`[record]`: what is streamed into the store, and how often.
 
@@ -175,6 +186,7 @@ class RecordConfig:
     predictions: PredictionsRecord = PredictionsRecord()
     grad_moments: GradMomentsRecord = GradMomentsRecord()
     activations: ActivationsRecord = ActivationsRecord()
+    lipschitz_fine: LipschitzFineRecord = LipschitzFineRecord()
 
 
 @dataclass(frozen=True)

@@ -122,10 +122,14 @@ class Trainer:
             for start in range(0, self.cfg.data.n_train, self.batch):
                 idx = order[:, start : start + self.batch]
                 xb, yb = x[rows, idx], y[rows, idx]
+                if recorder.wants_input_grad(self.step + 1):
+                    xb.requires_grad_(True)  # a fresh leaf (advanced indexing copies): dL/dx comes free
                 outs = [model(xb[m]) for m, model in enumerate(self.models)]
                 losses = torch.stack([loss_fn(out, yb[m]).mean() for m, out in enumerate(outs)])
                 self.optimizer.zero_grad(set_to_none=True)
+                recorder.before_backward(self.step + 1, xb, outs)
                 losses.sum().backward()
+                recorder.after_backward(self.step + 1, xb, outs, yb)
                 self.optimizer.step()
                 self.step += 1
                 with torch.no_grad():

@@ -101,6 +101,16 @@ class Probe:
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore what `state` returned."""
 
+    def wants_input_grad(self, step: int) -> bool:
+        """Whether the training step that will become `step` should keep the input gradient."""
+        return False
+
+    def before_backward(self, step: int, x: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+        """Inside a training step, after the forward pass (the graph is still whole)."""
+
+    def after_backward(self, step: int, x: torch.Tensor, outputs: list[torch.Tensor], y: torch.Tensor) -> None:
+        """Inside a training step, after the backward pass and before the parameter update."""
+
     def checkpoint_due(self, step: int) -> bool:
         """Whether this probe writes a resume checkpoint at `step` (the recorder flushes every buffer first)."""
         return False

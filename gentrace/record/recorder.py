@@ -13,12 +13,14 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.hooks import RemovableHandle
 
 from gentrace.record.activations import activations_probe
 from gentrace.record.base import Probe, RunContext, StepInfo
 from gentrace.record.evaluator import Evaluator
 from gentrace.record.grad_moments import grad_moments_probe
+from gentrace.record.lipschitz_fine import lipschitz_fine_probe
 from gentrace.record.metrics import MetricsProbe
 from gentrace.record.metrics_fine import MetricsFineProbe
 from gentrace.record.params import params_fine_probe, params_probe
@@ -34,6 +36,7 @@ PROBES: dict[str, ProbeFactory] = {
     "metrics": lambda ctx, ev: MetricsProbe(ctx, ev),
     "preds": lambda ctx, ev: PredictionsProbe(ctx, ev) if PredictionsProbe.wanted(ctx) else None,
     "grad": lambda ctx, ev: grad_moments_probe(ctx),
+    "lipschitz_fine": lambda ctx, ev: lipschitz_fine_probe(ctx),
     "acts": lambda ctx, ev: activations_probe(ctx),
     "params_fine": lambda ctx, ev: params_fine_probe(ctx),
     "params": lambda ctx, ev: params_probe(ctx),
@@ -97,6 +100,20 @@ class Recorder:
         """After every optimizer step."""
         for probe in self.probes:
             self._put(probe.after_step(info))
+
+    def wants_input_grad(self, step: int) -> bool:
+        """Whether any probe needs the input gradient of the training step that becomes `step`."""
+        return any(probe.wants_input_grad(step) for probe in self.probes)
+
+    def before_backward(self, step: int, x: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+        """Inside the training step, after the forward pass."""
+        for probe in self.probes:
+            probe.before_backward(step, x, outputs)
+
+    def after_backward(self, step: int, x: torch.Tensor, outputs: list[torch.Tensor], y: torch.Tensor) -> None:
+        """Inside the training step, after backward, before the update."""
+        for probe in self.probes:
+            probe.after_backward(step, x, outputs, y)
 
     def at_step(self, step: int, epoch: int) -> None:
         """At step 0 and after every optimizer step; probes check their schedules."""

@@ -241,6 +241,20 @@ def acts_stream(rows: int, probe: int, layers: Mapping[str, Mapping[str, Any]], 
     return StreamSpec("acts", rows, tuple(arrays))
 
 
+def lipschitz_fine_stream(rows: int, replicates: int) -> StreamSpec:
+    """`lipschitz_fine/`: step [L]; mean, max [L, M] of the local Lipschitz constants of the step's batch."""
+    r = _small_chunk(rows)
+    return StreamSpec(
+        "lipschitz_fine",
+        rows,
+        (
+            _step("lipschitz_fine", r),
+            ArraySpec("lipschitz_fine/mean", (replicates,), "float32", "float", r),
+            ArraySpec("lipschitz_fine/max", (replicates,), "float32", "float", r),
+        ),
+    )
+
+
 CHECKPOINT_GROUP = "checkpoints"
 
 

@@ -1,0 +1,93 @@
+"""Probe `lipschitz_fine`: the local Lipschitz constant at the sampled training points, inside the step.
+
+BTH paper (Loukas et al. 2021), section 3: for a ReLU network the local Lipschitz constant at x is
+the norm of the input gradient of the output, ||df/dx||. The BTH code logs it at the sampled point
+of every batch-size-1 iteration; here, at steps N, 2N, ... (`record.lipschitz_fine.every_steps`),
+the training step itself provides it, with the parameters before that step's update:
+
+- one output (mse, bce): the training backward already yields dL/dx when the input is a leaf that
+  requires grad, and for sample i of a batch of B, dL/dx_i = (1/B) l'(f_i) df/dx_i with
+  l'(f) = 2 (f - y) (mse) or sigmoid(f) - y (bce); so ||df/dx_i|| = B ||dL/dx_i|| / |l'(f_i)|, at the
+  cost of the first layer's input gradient only. A point with l'(f_i) = 0 (a perfect fit) gives no
+  value and is left out.
+- several outputs (cross-entropy): dL/dx mixes every logit, so one extra backward of the
+  predicted-class logits to the input (no weight gradients) gives ||df_c/dx_i|| per point.
+
+A row holds the mean and the max over the step's batch, per replicate ([L, M]).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from gentrace.record.base import Probe, RunContext
+from gentrace.schedules import every_steps
+from gentrace.store import schema
+from gentrace.store.writer import RowBlock
+
+
+class LipschitzFineProbe(Probe):
+    """Writes `lipschitz_fine/step` [L] and `lipschitz_fine/mean`, `lipschitz_fine/max` [L, M]."""
+
+    name = "lipschitz_fine"
+    buffer_limit = 512
+
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
+        self.steps = set(every_steps(ctx.cfg.record.lipschitz_fine.every_steps, ctx.timeline)) - {0}
+        self._norms: torch.Tensor | None = None  # [M, B] of the current step
+
+    def streams(self) -> list[schema.StreamSpec]:
+        """One row per measured step."""
+        return [schema.lipschitz_fine_stream(len(self.steps), len(self.ctx.models))]
+
+    def wants_input_grad(self, step: int) -> bool:
+        """Only at the measured steps does the training input become a leaf that requires grad."""
+        return step in self.steps
+
+    def before_backward(self, step: int, x: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+        """Several outputs: one backward of the predicted-class logits to the input."""
+        if step not in self.steps or self.ctx.loss != "cross_entropy":
+            return
+        picked = sum(out.gather(1, out.argmax(1, keepdim=True)).sum() for out in outputs)
+        (grad,) = torch.autograd.grad(picked, [x], retain_graph=True)
+        self._norms = grad.flatten(2).norm(dim=2)
+
+    def after_backward(self, step: int, x: torch.Tensor, outputs: list[torch.Tensor], y: torch.Tensor) -> None:
+        """One output: divide the loss's input gradient by the loss's output derivative."""
+        if step not in self.steps or self.ctx.loss == "cross_entropy":
+            return
+        assert x.grad is not None
+        with torch.no_grad():
+            f = torch.stack([out.squeeze(-1) for out in outputs])  # [M, B]
+            target = y.to(f.dtype)
+            dloss = 2 * (f - target) if self.ctx.loss == "mse" else torch.sigmoid(f) - target
+            batch = f.shape[1]
+            norms = batch * x.grad.flatten(2).norm(dim=2) / dloss.abs()
+            self._norms = torch.where(dloss != 0, norms, torch.full_like(norms, float("nan")))
+
+    def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:
+        """Hand over the measured step's mean and max."""
+        if step not in self.steps or self._norms is None:
+            return
+        norms, self._norms = self._norms.detach().to("cpu", torch.float64).numpy(), None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a batch of perfect fits has no value: NaN
+            mean, top = np.nanmean(norms, axis=1), np.nanmax(norms, axis=1)
+        yield from self.emit(
+            self.name,
+            {
+                "lipschitz_fine/step": np.array([step], np.int64),
+                "lipschitz_fine/mean": mean[None].astype(np.float32),
+                "lipschitz_fine/max": top[None].astype(np.float32),
+            },
+        )
+
+
+def lipschitz_fine_probe(ctx: RunContext) -> LipschitzFineProbe | None:
+    """`record.lipschitz_fine`, or None when every_steps is 0."""
+    return LipschitzFineProbe(ctx) if ctx.cfg.record.lipschitz_fine.every_steps else None
