@@ -53,7 +53,7 @@ class LipschitzFineProbe(Probe):
         """Several outputs: one backward of the predicted-class logits to the input."""
         if step not in self.steps or self.ctx.loss != "cross_entropy":
             return
-        picked = sum(out.gather(1, out.argmax(1, keepdim=True)).sum() for out in outputs)
+        picked = torch.stack([out.gather(1, out.argmax(1, keepdim=True)).sum() for out in outputs]).sum()
         (grad,) = torch.autograd.grad(picked, [x], retain_graph=True)
         self._norms = grad.flatten(2).norm(dim=2)
 
