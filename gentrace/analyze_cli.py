@@ -19,6 +19,7 @@ import typer
 from gentrace.cli_errors import user_errors
 from gentrace.errors import ConfigError
 from gentrace.store.reader import StoreReader
+from gentrace.sweep import over_stores
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -75,8 +76,14 @@ class Format(StrEnum):
     table = "table"
 
 
-StoreArg = Annotated[Path, typer.Argument(help="A store written by `gentrace record`.", show_default=False)]
 StoresArg = Annotated[list[Path], typer.Argument(help="Stores written by `gentrace record`.", show_default=False)]
+AnalyzeStoresArg = Annotated[
+    list[Path],
+    typer.Argument(
+        help="One or more stores, or sweep directories; with several, rows gain `store` and the differing config keys.",
+        show_default=False,
+    ),
+]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Table format.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")]
 FigureOpt = Annotated[
@@ -113,7 +120,7 @@ def _emit(table: pd.DataFrame | Iterable[pd.DataFrame], fmt: Format, out: Path |
 @analyze_app.command("gsnr")
 @user_errors
 def analyze_gsnr(
-    store: StoreArg,
+    stores: AnalyzeStoresArg,
     by: Annotated[
         By, typer.Option(help="model: one row per step and replicate; layer: per tensor; param: per parameter.")
     ] = By.model,
@@ -125,13 +132,13 @@ def analyze_gsnr(
     from gentrace.analyses import gsnr
 
     chosen = _parse_replicate(replicate)
-    _emit(gsnr.frames(StoreReader(store), by.value, chosen), fmt, out)
+    _emit(over_stores(stores, lambda reader: gsnr.frames(reader, by.value, chosen)), fmt, out)
 
 
 @analyze_app.command("osgr")
 @user_errors
 def analyze_osgr(
-    store: StoreArg,
+    stores: AnalyzeStoresArg,
     summary: Annotated[
         bool, typer.Option("--summary", help="One row: Pearson r of lhs and rhs over steps, and their means.")
     ] = False,
@@ -141,13 +148,13 @@ def analyze_osgr(
     """One-step generalization ratio: both sides of eq. 17 and eq. 20 per recorded step (needs replicates)."""
     from gentrace.analyses import osgr
 
-    _emit(osgr.run(StoreReader(store), summary=summary), fmt, out)
+    _emit(over_stores(stores, lambda reader: osgr.run(reader, summary=summary)), fmt, out)
 
 
 @analyze_app.command("paths")
 @user_errors
 def analyze_paths(
-    store: StoreArg,
+    stores: AnalyzeStoresArg,
     layer: Annotated[str, typer.Option(help="A ReLU call site (acts/<layer>), or 'all'.")] = "all",
     kind: Annotated[
         PathKind,
@@ -165,13 +172,13 @@ def analyze_paths(
     """ReLU path similarity of the probe samples per recorded epoch and layer (image-functions paper)."""
     from gentrace.analyses import paths
 
-    _emit(paths.frames(StoreReader(store), layer, kind.value, pairs, device=device), fmt, out)
+    _emit(over_stores(stores, lambda reader: paths.frames(reader, layer, kind.value, pairs, device=device)), fmt, out)
 
 
 @analyze_app.command("mi")
 @user_errors
 def analyze_mi(
-    store: StoreArg,
+    stores: AnalyzeStoresArg,
     reference: Annotated[
         MiReference,
         typer.Option(help="L: logistic regression, linear fit of f_T0, null model, or a K-layer CNN fit to f_final."),
@@ -186,7 +193,40 @@ def analyze_mi(
     """I(F_t;Y), I(F_t;Y_S), mu(F_t;L) and the conditional informations per recorded step, in bits."""
     from gentrace.analyses import mi
 
-    _emit(mi.run(StoreReader(store), reference.value, split.value, summary=summary), fmt, out)
+    _emit(over_stores(stores, lambda reader: mi.run(reader, reference.value, split.value, summary=summary)), fmt, out)
+
+
+class TrajectoryBy(StrEnum):
+    """Granularity of `analyze trajectory`."""
+
+    replicate = "replicate"
+    epoch = "epoch"
+    step = "step"
+
+
+@analyze_app.command("trajectory")
+@user_errors
+def analyze_trajectory(
+    stores: AnalyzeStoresArg,
+    param: Annotated[
+        str | None,
+        typer.Option(help="Tensor to follow [default: the first params_fine tensor, the first layer's bias]."),
+    ] = None,
+    last: Annotated[
+        int | None,
+        typer.Option(help="step_variance over the last K snapshots [default: the last 10 epochs' worth].", min=1),
+    ] = None,
+    by: Annotated[
+        TrajectoryBy,
+        typer.Option(help="replicate: one row each; epoch: per epoch; step: cumulative length at every snapshot."),
+    ] = TrajectoryBy.replicate,
+    fmt: FormatOpt = Format.csv,
+    out: OutOpt = None,
+) -> None:
+    """Trajectory length, normalized length, distance from init and step variance of a tensor (BTH paper)."""
+    from gentrace.analyses import trajectory
+
+    _emit(over_stores(stores, lambda reader: trajectory.run(reader, param, last, by.value)), fmt, out)
 
 
 def _plot(name: str, stores: list[Path], out: Path) -> None:

@@ -134,6 +134,41 @@ def info(
     typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
 
 
+@app.command()
+@user_errors
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Run config (TOML) shared by every grid point.")],
+    grid: Annotated[
+        list[str],
+        typer.Option("--grid", help="KEY=V1,V2,... or KEY=A..B (integers, inclusive); repeatable, cartesian product."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory of the sweep's stores and sweep.json.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key for every point, e.g. --set train.epochs=5 (repeatable)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-point messages.")] = False,
+) -> None:
+    """Record one store per grid point, one after another; rerun to skip finished points and resume the rest."""
+    from gentrace import run
+    from gentrace import sweep as sweep_mod
+
+    parsed = sweep_mod.parse_grid(grid)
+    # A scheduler's SIGTERM ends the current point like Ctrl-C: flushed, resumed by the next `gentrace sweep`.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    say = (lambda _: None) if quiet else (lambda line: typer.echo(line, err=True))
+    try:
+        stores = sweep_mod.record_sweep(config, parsed, out, list(set_ or []), device=device, say=say)
+    except run.Interrupted as exc:
+        _err(f"{exc}; run the same `gentrace sweep` again to continue")
+        raise typer.Exit(130) from None
+    if not quiet:
+        typer.echo(f"sweep written: {out} ({len(stores)} stores); next, try:", err=True)
+        typer.echo(f"  gentrace analyze trajectory {out}", err=True)
+    typer.echo(str(out))
+
+
 app.add_typer(analyze_app, name="analyze")
 app.add_typer(plot_app, name="plot")
 

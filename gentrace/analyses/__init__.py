@@ -11,13 +11,14 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from gentrace.analyses import gsnr, mi, osgr, paths
+from gentrace.analyses import gsnr, mi, osgr, paths, trajectory
 
 ANALYSES: dict[str, Callable[..., pd.DataFrame]] = {
     "gsnr": gsnr.run,
     "mi": mi.run,
     "osgr": osgr.run,
     "paths": paths.run,
+    "trajectory": trajectory.run,
 }
 
-__all__ = ["ANALYSES", "gsnr", "mi", "osgr", "paths"]
+__all__ = ["ANALYSES", "gsnr", "mi", "osgr", "paths", "trajectory"]

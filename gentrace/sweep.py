@@ -1,0 +1,251 @@
+"""Sweeps: one store per point of a config grid, and analyses over several stores (SPEC section 1).
+
+`gentrace sweep CONFIG --grid data.freq=0.25,0.5 --grid data.seed=0..4 --out DIR` records the
+cartesian product of the grids, one point after the other, into DIR/<key=value,...>.zarr, and keeps
+DIR/sweep.json (MANIFEST) listing every point and its store. Every grid value goes through the same
+parser as `--set` (config.parse_override), and every point's config is validated before the first
+one is recorded. Rerunning the command skips complete stores, resumes killed or interrupted ones and
+records the missing ones, so a sweep cut short by a job time limit is continued by running it again.
+
+`over_stores` runs an analysis on several stores (or a sweep directory) and concatenates its
+tables, with a `store` column and one column per config key that differs between the stores in
+front. torch is imported only when a point is recorded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from gentrace import config as config_mod
+from gentrace.errors import ConfigError, StoreError
+from gentrace.store.reader import StoreReader, check_gentrace_store
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from gentrace.config import RunConfig
+
+MANIFEST = "sweep.json"
+RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
+UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
+Grid = list[tuple[str, list[Any]]]
+Table: TypeAlias = "pd.DataFrame | Iterable[pd.DataFrame]"
+
+
+# -- grids --------------------------------------------------------------------------------------
+def parse_grid(items: Sequence[str]) -> Grid:
+    """`KEY=V1,V2,...` or `KEY=A..B` (integers A to B inclusive) per item -> [(key, values)], in order.
+
+    Values are read as `--set` values (TOML, else a string). A key given twice is an error.
+    """
+    grid: Grid = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not text.strip():
+            raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,... or KEY=A..B, e.g. --grid data.seed=0..4")
+        if key in (k for k, _ in grid):
+            raise ConfigError(f"--grid {key} is given twice; list all its values in one --grid")
+        span = RANGE.match(text)
+        if span:
+            low, high = int(span.group(1)), int(span.group(2))
+            if high < low:
+                raise ConfigError(f"--grid {item!r}: the range {low}..{high} is empty")
+            values: list[Any] = list(range(low, high + 1))
+        else:
+            values = [config_mod.parse_override(f"{key}={part}")[1] for part in text.split(",")]
+        grid.append((key, values))
+    return grid
+
+
+def points(grid: Grid) -> list[dict[str, Any]]:
+    """The cartesian product of the grid, last key varying fastest: [{key: value}]."""
+    keys = [key for key, _ in grid]
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(values for _, values in grid))]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, list | dict) else str(value)
+
+
+def point_name(point: Mapping[str, Any]) -> str:
+    """Store directory name of a point, e.g. `data.freq=0.25,data.seed=0.zarr` (unsafe characters -> _)."""
+    return UNSAFE.sub("_", ",".join(f"{key}={_text(value)}" for key, value in point.items())) + ".zarr"
+
+
+def overrides_of(point: Mapping[str, Any]) -> list[str]:
+    """`--set` items of a point (values written back as TOML so they parse to the same value)."""
+    out = []
+    for key, value in point.items():
+        text = json.dumps(value) if isinstance(value, str) else _toml(value)
+        out.append(f"{key}={text}")
+    return out
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) if not isinstance(v, str) else json.dumps(v) for v in value) + "]"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def configs(config: Path | None, overrides: Sequence[str], grid: Grid) -> list[tuple[dict[str, Any], RunConfig]]:
+    """Every point with its validated config; a bad key or value raises ConfigError before anything runs."""
+    if not grid:
+        raise ConfigError("give at least one --grid KEY=V1,V2,...")
+    out = []
+    for point in points(grid):
+        try:
+            out.append((point, config_mod.load(config, [*overrides, *overrides_of(point)])))
+        except ConfigError as exc:
+            raise ConfigError(f"--grid {', '.join(f'{k}={_text(v)}' for k, v in point.items())}: {exc}") from None
+    names = [point_name(point) for point, _ in out]
+    if len(set(names)) != len(names):
+        raise ConfigError("two grid points map to the same store name; give distinct values")
+    return out
+
+
+# -- recording ----------------------------------------------------------------------------------
+def _state(path: Path) -> str:
+    """'missing', 'torn' (a directory that is not a store: killed while creating it), or the store status."""
+    if not path.exists():
+        return "missing"
+    try:
+        check_gentrace_store(path)
+    except StoreError:
+        return "torn" if path.is_dir() and not (path / "zarr.json").exists() else "foreign"
+    return StoreReader(path).status
+
+
+def _write_manifest(out: Path, config: Path | None, grid: Grid, entries: list[dict[str, Any]]) -> None:
+    manifest = {
+        "config": str(config) if config is not None else None,
+        "grid": {key: values for key, values in grid},
+        "points": entries,
+    }
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out / MANIFEST)
+
+
+def record_sweep(
+    config: Path | None,
+    grid: Grid,
+    out: Path,
+    overrides: Sequence[str] = (),
+    device: str = "auto",
+    say: Callable[[str], None] = lambda _: None,
+) -> list[Path]:
+    """Record every grid point into `out` sequentially (resumable); returns the store paths in grid order.
+
+    Complete stores and diverged ones (rerunning would diverge again) are skipped; killed,
+    interrupted and failed ones are resumed from their last checkpoint; a directory left by a kill
+    during store creation is recorded afresh.
+    """
+    todo = configs(config, overrides, grid)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for the sweep's stores")
+    for point, _ in todo:
+        state = _state(out / point_name(point))
+        if state == "foreign":
+            raise StoreError(f"{out / point_name(point)} is not a gentrace store; move it out of --out {out}")
+        if state == "running":
+            raise StoreError(f"{out / point_name(point)} is being recorded by another process")
+    out.mkdir(parents=True, exist_ok=True)
+    from gentrace import run  # torch is imported only once every point's config is known to be good
+
+    entries = [
+        {"values": point, "store": point_name(point), "status": _state(out / point_name(point))} for point, _ in todo
+    ]
+    _write_manifest(out, config, grid, entries)
+    paths = []
+    for i, (point, cfg) in enumerate(todo):
+        path = out / point_name(point)
+        state = _state(path)
+        head = f"[{i + 1}/{len(todo)}] {path.name}"
+        if state in ("complete", "diverged"):
+            say(f"{head}: {state}, skipped")
+        elif state in ("missing", "torn"):
+            say(f"{head}: recording")
+            run.record(cfg, path, device=device, overwrite=state == "torn")
+        else:
+            say(f"{head}: {state}, resuming")
+            run.record(cfg, path, device=device, resume=True)
+        entries[i]["status"] = _state(path)
+        _write_manifest(out, config, grid, entries)
+        paths.append(path)
+    return paths
+
+
+# -- several stores per analysis -----------------------------------------------------------------
+def expand_stores(paths: Sequence[Path]) -> list[Path]:
+    """Stores named directly, and the stores inside a sweep directory (manifest order, else by name)."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if (path / "zarr.json").exists() or not path.is_dir():
+            found.append(path)  # StoreReader says what is wrong with a path that is not a store
+            continue
+        manifest = path / MANIFEST
+        if manifest.exists():
+            listed = [path / entry["store"] for entry in json.loads(manifest.read_text())["points"]]
+            inside = [p for p in listed if (p / "zarr.json").exists()]
+        else:
+            inside = sorted(p for p in path.iterdir() if (p / "zarr.json").exists())
+        if not inside:
+            raise StoreError(f"{path} is neither a gentrace store nor a sweep directory holding stores")
+        found.extend(inside)
+    return found
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def varying_keys(trees: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Dotted config keys whose values differ between the configs, in config order."""
+    flats = [_flatten(tree) for tree in trees]
+    keys = list(dict.fromkeys(key for flat in flats for key in flat))
+    return [key for key in keys if len({json.dumps(flat.get(key), sort_keys=True) for flat in flats}) > 1]
+
+
+def _cell(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, list | dict) else value
+
+
+def over_stores(paths: Sequence[Path], analysis: Callable[[StoreReader], Table]) -> Table:
+    """Run `analysis` on each store; with several, prefix every row with `store` and the varying config keys."""
+    readers = [StoreReader(path) for path in expand_stores(paths)]
+    if len(readers) == 1:
+        return analysis(readers[0])
+    return _labelled(readers, analysis)
+
+
+def _labelled(readers: list[StoreReader], analysis: Callable[[StoreReader], Table]) -> Iterator[pd.DataFrame]:
+    import pandas as pd  # here, not at the top: `gentrace --help` does not pay for pandas
+
+    trees = [reader.config for reader in readers]
+    keys = varying_keys(trees)
+    for reader, tree in zip(readers, trees, strict=True):
+        flat = _flatten(tree)
+        labels = {"store": str(reader.path), **{key: _cell(flat.get(key)) for key in keys}}
+        table = analysis(reader)
+        for piece in [table] if isinstance(table, pd.DataFrame) else table:
+            front = pd.DataFrame({name: [value] * len(piece) for name, value in labels.items()}, index=piece.index)
+            yield pd.concat([front, piece.drop(columns=[c for c in labels if c in piece.columns])], axis=1)
