@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from gentrace.cli_errors import user_errors
-from gentrace.errors import ConfigError
+from gentrace.errors import AnalysisInputError, ConfigError
 from gentrace.store.reader import StoreReader
 from gentrace.sweep import over_stores
 
@@ -227,6 +227,41 @@ def analyze_trajectory(
     from gentrace.analyses import trajectory
 
     _emit(over_stores(stores, lambda reader: trajectory.run(reader, param, last, by.value)), fmt, out)
+
+
+class Where(StrEnum):
+    """Point sets of `analyze lipschitz`."""
+
+    train = "train"
+    test = "test"
+    far = "far"
+    all = "all"
+
+
+@analyze_app.command("lipschitz")
+@user_errors
+def analyze_lipschitz(
+    stores: AnalyzeStoresArg,
+    where: Annotated[Where, typer.Option(help="train, test, far (Gaussian and midpoints) or all.")] = Where.all,
+    quantiles: Annotated[
+        str, typer.Option(help="Comma-separated quantiles of the per-point constants (1.0 = max).")
+    ] = "0.1,0.5,0.9,1.0",
+    jacobian: Annotated[
+        bool, typer.Option("--jacobian", help="Spectral norm of the input Jacobian instead of the logit gradient.")
+    ] = False,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N [default: cuda when present].")] = None,
+    fmt: FormatOpt = Format.csv,
+    out: OutOpt = None,
+) -> None:
+    """Local Lipschitz constants (input-gradient norms) near and far from the data, per snapshot (BTH paper)."""
+    from gentrace.analyses import lipschitz
+
+    try:
+        qs = tuple(float(q) for q in quantiles.split(","))
+    except ValueError:
+        raise AnalysisInputError(f"--quantiles {quantiles!r}: expected numbers like 0.1,0.5,0.9,1.0") from None
+    dev = None if device in (None, "auto") else device
+    _emit(over_stores(stores, lambda reader: lipschitz.run(reader, where.value, qs, jacobian, dev)), fmt, out)
 
 
 def _plot(name: str, stores: list[Path], out: Path) -> None:

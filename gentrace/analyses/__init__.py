@@ -11,14 +11,15 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from gentrace.analyses import gsnr, mi, osgr, paths, trajectory
+from gentrace.analyses import gsnr, lipschitz, mi, osgr, paths, trajectory
 
 ANALYSES: dict[str, Callable[..., pd.DataFrame]] = {
     "gsnr": gsnr.run,
+    "lipschitz": lipschitz.run,
     "mi": mi.run,
     "osgr": osgr.run,
     "paths": paths.run,
     "trajectory": trajectory.run,
 }
 
-__all__ = ["ANALYSES", "gsnr", "mi", "osgr", "paths", "trajectory"]
+__all__ = ["ANALYSES", "gsnr", "lipschitz", "mi", "osgr", "paths", "trajectory"]

@@ -1,0 +1,260 @@
+"""Local Lipschitz constants of the recorded networks near and far from the training data.
+
+Loukas et al., "What training reveals about neural network complexity" (NeurIPS 2021;
+shared/papers/bth-lipschitz-training-dynamics.txt, section 1.1): a ReLU network is piecewise linear,
+so its Lipschitz constant on the linear region that contains x is the norm of its input gradient at x.
+For each parameter snapshot (`params` stream row, replicate m; the network rebuilt with `build_model`
+from the stored config and loaded with that row, in eval mode) and each point x (SPEC section 5):
+
+    L(x) = ||d f(x) / d x||_2                 one output (mse, bce): the output itself
+    L(x) = ||d f_c(x) / d x||_2,  c = argmax_k f_k(x)   several outputs: the predicted-class logit
+    L(x) = ||J_f(x)||_2  (largest singular value of the [K, D] input Jacobian)   with `jacobian=True`
+
+Batching. The network sees a chunk of points at once; in eval mode the points do not interact, so the
+gradient of sum_i f_c(x_i) with respect to the chunk holds every per-point gradient: one backward per
+chunk (one per output unit for the full Jacobian) instead of one per point.
+
+Points (`where`), per replicate m, the same for every snapshot:
+
+- `train`: the replicate's n training inputs (the data set rebuilt from the stored config).
+- `test`: the n_test test inputs.
+- `far-gaussian`: n samples of N(mu, FAR_SCALE^2 * Sigma), mu and Sigma the mean and covariance of the
+  replicate's flattened training inputs: the data's Gaussian fit, scaled out 3x around its mean.
+- `far-midpoint`: midpoints (x_i + x_j) / 2 of n random training pairs i != j.
+  Both far sets have as many points as the training set; seeded by FAR_SEED and the replicate number.
+
+Output: one row per (step, replicate, where); `where="far"` gives both far rows, `all` every row.
+Quantiles are `np.quantile` (linear interpolation) of the per-point values; a quantile q is named
+`q{100 q:g}` (0.1 -> q10, 0.25 -> q25), except 1.0 -> `max` and 0.0 -> `min`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from gentrace.analyses.gsnr import epochs_of
+from gentrace.analyses.mi_references import rebuild_data
+from gentrace.config import from_dict
+from gentrace.errors import AnalysisInputError
+from gentrace.losses import output_dim, resolve_loss
+from gentrace.models import build_model
+from gentrace.store.reader import StoreReader
+
+WHERE = ("train", "test", "far", "all")
+GROUPS = {
+    "train": ("train",),
+    "test": ("test",),
+    "far": ("far-gaussian", "far-midpoint"),
+    "all": ("train", "test", "far-gaussian", "far-midpoint"),
+}
+FAR_SCALE = 3.0
+FAR_SEED = 0
+CHUNK = 2048  # points per backward: bounds activation memory (the 2-block cnn on 28x28 needs ~0.5 GB)
+MISSING = ("parameter snapshots", "record.params.every_epochs")
+
+
+# -- pure helpers ---------------------------------------------------------------------------------
+def quantile_columns(quantiles: Sequence[float]) -> list[str]:
+    """Column name of each quantile: 0.1 -> q10, 0.5 -> q50, 1.0 -> max, 0.0 -> min."""
+    names = []
+    for q in quantiles:
+        if not 0.0 <= float(q) <= 1.0:
+            raise AnalysisInputError(f"lipschitz: quantiles must lie in [0, 1], got {q}")
+        names.append("max" if q == 1.0 else "min" if q == 0.0 else f"q{100 * float(q):.10g}")
+    if len(set(names)) != len(names):
+        raise AnalysisInputError(f"lipschitz: quantiles {list(quantiles)} repeat a value")
+    return names
+
+
+def input_gradient_norms(
+    model: nn.Module, x: torch.Tensor, *, jacobian: bool = False, chunk: int = CHUNK
+) -> torch.Tensor:
+    """Local Lipschitz constant of `model` at each point (see the module docstring).
+
+    Args:
+        model: maps `[B, *input_shape] -> [B, K]` (or `[B]`); put it in eval mode first, so points are independent.
+        x: `[N, *input_shape]` points, on the model's device and dtype.
+        jacobian: spectral norm of the full `[K, D]` input Jacobian instead of the selected output's gradient.
+        chunk: points per forward/backward.
+
+    Returns:
+        `[N]` values, on x's device.
+    """
+    out = []
+    for start in range(0, len(x), chunk):
+        xb = x[start : start + chunk].detach().requires_grad_(True)
+        with torch.enable_grad():
+            f = model(xb).reshape(len(xb), -1)  # [B, K]
+            if jacobian and f.shape[1] > 1:
+                rows = [
+                    torch.autograd.grad(f[:, k].sum(), xb, retain_graph=k + 1 < f.shape[1])[0].flatten(1)
+                    for k in range(f.shape[1])
+                ]
+                out.append(torch.linalg.matrix_norm(torch.stack(rows, dim=1), ord=2))  # [B, K, D] -> [B]
+                continue
+            selected = f[:, 0] if f.shape[1] == 1 else f.gather(1, f.argmax(1, keepdim=True))[:, 0]
+            (grad,) = torch.autograd.grad(selected.sum(), xb)
+        out.append(grad.flatten(1).norm(dim=1))
+    return torch.cat(out) if out else x.new_zeros(0)
+
+
+def far_points(x_train: np.ndarray, seed: Sequence[int], scale: float = FAR_SCALE) -> dict[str, np.ndarray]:
+    """Points far from the data: `far-gaussian` and `far-midpoint`, each `[n, *input_shape]` float32.
+
+    Args:
+        x_train: `[n, *input_shape]` training inputs of one replicate.
+        seed: entropy of the generator (np.random.default_rng), e.g. (FAR_SEED, replicate).
+        scale: the Gaussian's standard deviation in units of the data's, along every principal axis.
+    """
+    n, shape = len(x_train), x_train.shape[1:]
+    flat = np.asarray(x_train, dtype=np.float64).reshape(n, -1)
+    rng = np.random.default_rng(list(seed))
+    mu = flat.mean(axis=0)
+    # eigh, not Cholesky: image covariances are singular (constant pixels, n < D)
+    eigval, eigvec = np.linalg.eigh(np.cov(flat, rowvar=False, bias=True).reshape(flat.shape[1], flat.shape[1]))
+    root = eigvec * np.sqrt(np.clip(eigval, 0.0, None))  # Sigma = root @ root.T
+    gaussian = mu + scale * rng.standard_normal((n, flat.shape[1])) @ root.T
+    if n >= 2:
+        i = rng.integers(0, n, size=n)
+        j = (i + rng.integers(1, n, size=n)) % n  # j != i
+        midpoint = (flat[i] + flat[j]) / 2
+    else:
+        midpoint = np.zeros((0, flat.shape[1]))
+    return {
+        "far-gaussian": gaussian.reshape(n, *shape).astype(np.float32),
+        "far-midpoint": midpoint.reshape(len(midpoint), *shape).astype(np.float32),
+    }
+
+
+def compute(
+    values: Mapping[str, np.ndarray], step: int, epoch: int, replicate: int, quantiles: Sequence[float]
+) -> pd.DataFrame:
+    """Summary rows of per-point values (pure): one row per key of `values` (the `where` label).
+
+    Args:
+        values: where -> `[n]` per-point Lipschitz constants.
+        step: the snapshot's optimizer step.
+        epoch: completed epochs at `step`.
+        replicate: the replicate the values belong to.
+        quantiles: quantile levels in [0, 1]; see `quantile_columns` for their column names.
+
+    Returns:
+        step, epoch, replicate, where, one column per quantile, mean, n (NaN statistics when n = 0).
+    """
+    names = quantile_columns(quantiles)
+    rows = []
+    for where, v in values.items():
+        v64 = np.asarray(v, dtype=np.float64)
+        qs = np.quantile(v64, list(quantiles)) if v64.size else np.full(len(names), np.nan)
+        rows.append(
+            {
+                "step": step,
+                "epoch": epoch,
+                "replicate": replicate,
+                "where": where,
+                **dict(zip(names, (float(q) for q in qs), strict=True)),
+                "mean": float(v64.mean()) if v64.size else np.nan,
+                "n": int(v64.size),
+            }
+        )
+    columns = ["step", "epoch", "replicate", "where", *names, "mean", "n"]
+    types = {c: "int64" for c in ("step", "epoch", "replicate", "n")} | {"where": "str"}
+    return pd.DataFrame(rows, columns=columns).astype({c: types.get(c, "float64") for c in columns})
+
+
+# -- the store side -------------------------------------------------------------------------------
+def _model(reader: StoreReader) -> nn.Module:
+    """The run's network, freshly built from the stored config (parameters replaced per snapshot)."""
+    cfg = from_dict(reader.config)
+    attrs = reader.attrs
+    num_classes = int(attrs["num_classes"])
+    loss = resolve_loss(str(attrs["loss"]), num_classes)
+    model = build_model(cfg.model, tuple(int(s) for s in attrs["input_shape"]), output_dim(loss, num_classes))
+    names = [n for n, _ in model.named_parameters()]
+    missing = [n for n in names if n not in reader.tensor_names("params")]
+    if missing:
+        raise AnalysisInputError(
+            f"{reader.path}: the parameter snapshots lack {', '.join(missing[:4])}"
+            f"{', ...' if len(missing) > 4 else ''}; lipschitz rebuilds the whole network: record "
+            'them with record.params.names = "all"'
+        )
+    return model
+
+
+def _buffers(reader: StoreReader, model: nn.Module, step: int, replicate: int) -> dict[str, torch.Tensor]:
+    """Buffers (BatchNorm running statistics) at `step`, from the resume checkpoint saved with the snapshot."""
+    names = [n for n, _ in model.named_buffers()]
+    if not names:
+        return {}
+    if step not in reader.checkpoint_steps():
+        raise AnalysisInputError(
+            f"{reader.path}: this {type(model).__name__} has buffers ({names[0]}, ...) that parameter "
+            f"snapshots do not hold, and there is no checkpoint for step {step} to take them from"
+        )
+    state = torch.load(io.BytesIO(reader.checkpoint(step)), map_location="cpu", weights_only=False)
+    return {n: state["models"][replicate][n] for n in names}
+
+
+def _points(reader: StoreReader, groups: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    """Per replicate: where -> `[n, *input_shape]` float32 points."""
+    ds = rebuild_data(reader)
+    out = []
+    for m in range(ds.x_train.shape[0]):
+        x_train = ds.x_train[m].numpy()
+        far = far_points(x_train, (FAR_SEED, m)) if any(g.startswith("far") for g in groups) else {}
+        every = {"train": x_train, "test": ds.x_test.numpy(), **far}
+        out.append({g: every[g] for g in groups})
+    return out
+
+
+def run(
+    reader: StoreReader,
+    where: str = "all",
+    quantiles: Sequence[float] = (0.1, 0.5, 0.9, 1.0),
+    jacobian: bool = False,
+    device: str | None = None,
+) -> pd.DataFrame:
+    """Local Lipschitz statistics of every parameter snapshot (SPEC section 5, `gentrace analyze lipschitz`).
+
+    Args:
+        reader: an opened store with parameter snapshots of every tensor (`record.params`).
+        where: train | test | far | all; see the module docstring for the points.
+        quantiles: levels in [0, 1], one column each (0.1 -> q10, 1.0 -> max).
+        jacobian: spectral norm of the input Jacobian instead of the predicted-class logit's gradient.
+        device: torch device; cuda when available, else cpu.
+
+    Returns:
+        step, epoch, replicate, where, the quantile columns, mean, n; one row per snapshot, replicate
+        and point set.
+
+    Raises:
+        MissingStreamError: the run recorded no parameter snapshots.
+        AnalysisInputError: unknown `where`, a quantile outside [0, 1], or snapshots of only some tensors.
+    """
+    if where not in WHERE:
+        raise AnalysisInputError(f"lipschitz: where must be one of {', '.join(WHERE)}, not {where!r}")
+    quantile_columns(quantiles)  # fail on bad levels before the slow part
+    reader.require("params", *MISSING)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = _model(reader).to(dev).eval()
+    model.requires_grad_(False)  # input gradients only
+    steps = reader.array("params/step")
+    rows = len(steps)  # read once: a live run may commit more rows while this runs
+    epochs = epochs_of(reader, steps)
+    points = [{w: torch.from_numpy(x).to(dev) for w, x in p.items()} for p in _points(reader, GROUPS[where])]
+    tensors = {n: reader.lazy(f"params/{n}") for n, _ in model.named_parameters()}
+    frames = []
+    for g in range(rows):
+        row = {n: np.asarray(a[g]) for n, a in tensors.items()}  # [M, *shape]
+        for m, sets in enumerate(points):
+            state = {n: torch.from_numpy(v[m]) for n, v in row.items()} | _buffers(reader, model, int(steps[g]), m)
+            model.load_state_dict(state, strict=True)
+            values = {w: input_gradient_norms(model, x, jacobian=jacobian).cpu().numpy() for w, x in sets.items()}
+            frames.append(compute(values, int(steps[g]), int(epochs[g]), m, quantiles))
+    return pd.concat(frames, ignore_index=True)
