@@ -117,6 +117,14 @@ def suggestions(reader: StoreReader) -> list[str]:
         cfg = reader.config
         if cfg["train"]["replicates"] >= 2 and cfg["record"]["eval_every_steps"] == 1:
             out += [f"gentrace analyze osgr {path} --summary", f"gentrace plot osgr {path} -o osgr.png"]
+    if reader.has("acts"):
+        out.append(f"gentrace analyze paths {path} --kind self")
+    if reader.has("params_fine"):
+        out.append(f"gentrace analyze trajectory {path}")
+    if reader.has("params"):
+        out.append(f"gentrace analyze lipschitz {path} --where train")
+    if reader.has("preds") and reader.attrs.get("num_classes", 0):
+        out.append(f"gentrace analyze mi {path} --summary")
     out.append(f"python -c \"import zarr; print(zarr.open_group('{path}', mode='r').tree())\"")
     return out
 

@@ -125,3 +125,15 @@ def test_quickstart_feeds_every_analysis_it_records(quickstart: tuple[Path, subp
     osgr = gentrace("analyze", "osgr", str(path), cwd=path.parent)
     assert osgr.returncode == 2  # metrics once per epoch: the message names record.eval_every_steps
     assert "record.eval_every_steps" in osgr.stderr
+
+
+def test_every_suggested_command_runs(quickstart: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    path, done = quickstart
+    suggested = [line.strip() for line in done.stderr.splitlines() if line.strip().startswith("gentrace analyze")]
+    kinds = {line.split()[2] for line in suggested}
+    assert {"gsnr", "paths", "trajectory", "lipschitz", "mi"} <= kinds
+    for line in suggested:
+        args = line.split()[1:]
+        result = gentrace(*args, cwd=path.parent.parent)
+        assert result.returncode == 0, (line, result.stderr)
+        assert result.stdout.count("\n") >= 2, line  # a header and at least one row
