@@ -318,3 +318,17 @@ def plot_mi(
     _writable(out)
     readers = [StoreReader(store) for store in stores]
     typer.echo(str(plots.plot_mi(readers, out, reference=reference.value)), err=True)
+
+
+@plot_app.command("trajectory")
+@user_errors
+def plot_trajectory(stores: StoresArg, out: FigureOpt) -> None:
+    """Cumulative trajectory length and distance from init over steps, one curve per store (BTH paper)."""
+    _plot("plot_trajectory", stores, out)
+
+
+@plot_app.command("lipschitz")
+@user_errors
+def plot_lipschitz(stores: StoresArg, out: FigureOpt) -> None:
+    """Median local Lipschitz constant near and far from the data per snapshot, one curve per store (BTH paper)."""
+    _plot("plot_lipschitz", stores, out)

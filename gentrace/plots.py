@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from gentrace.analyses import gsnr, mi, osgr, paths
+from gentrace.analyses import gsnr, lipschitz, mi, osgr, paths, trajectory
 from gentrace.errors import AnalysisInputError
 from gentrace.store.reader import StoreReader
 
@@ -22,6 +22,7 @@ GSNR_SIZE = (10.0, 4.0)  # inches: two panels side by side
 OSGR_SIZE = (5.0, 5.0)
 PATHS_SIZE = (15.0, 8.0)  # inches: cross and self on top, three rank panels below
 MI_SIZE = (7.0, 4.5)
+CURVES_SIZE = (10.0, 4.0)  # inches: two panels side by side (trajectory, lipschitz)
 RANK_BASES = (5, 10, 15)  # the base images of the paper's Figure 6
 
 
@@ -193,3 +194,46 @@ def _rank_panel(axes: Any, ranks: Any, base: int, layer: str) -> None:
     axes.set_ylim(k - 0.5, -0.5)
     axes.set(xlabel="epoch", ylabel="rank by overlap (0 = nearest)", title=f"base {base}: nearest {k}, layer {layer}")
     axes.legend(fontsize=6, ncol=2, title="probe", title_fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def plot_trajectory(readers: Sequence[StoreReader], out: Path, param: str | None = None) -> Path:
+    """Cumulative trajectory length (left) and distance from initialization (right) over steps (BTH paper).
+
+    One line per store (mean over its replicates), so a sweep over `data.freq` or
+    `data.label_noise` shows one curve per swept value.
+    """
+    figure = _figure(CURVES_SIZE)
+    left, right = figure.subplots(1, 2)
+    for reader in readers:
+        per_step = trajectory.run(reader, param, by="step").groupby("step")[["length", "distance_from_init"]].mean()
+        steps = per_step.index.to_numpy()
+        left.plot(steps, per_step["length"], label=store_label(reader))
+        right.plot(steps, per_step["distance_from_init"], label=store_label(reader))
+    left.set(xlabel="step", ylabel="trajectory length", title="cumulative length of the tracked tensor")
+    right.set(xlabel="step", ylabel="||b_t - b_0||", title="distance from initialization")
+    left.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(out)
+    return out
+
+
+def plot_lipschitz(readers: Sequence[StoreReader], out: Path, device: str | None = None) -> Path:
+    """Median local Lipschitz constant at training points (left) and far from the data (right) per snapshot.
+
+    One line per store (mean over its replicates), BTH paper section 3; far = the Gaussian and
+    midpoint sets of `analyze lipschitz` pooled by their medians.
+    """
+    figure = _figure(CURVES_SIZE)
+    left, right = figure.subplots(1, 2)
+    for reader in readers:
+        frame = lipschitz.run(reader, where="all", quantiles=(0.5,), device=device)
+        near = frame[frame["where"] == "train"].groupby("step")["q50"].mean()
+        far = frame[frame["where"].str.startswith("far")].groupby("step")["q50"].mean()
+        left.plot(near.index.to_numpy(), near.to_numpy(), marker=".", label=store_label(reader))
+        right.plot(far.index.to_numpy(), far.to_numpy(), marker=".", label=store_label(reader))
+    left.set(xlabel="step", ylabel="median ||df/dx||", title="local Lipschitz constant at training points")
+    right.set(xlabel="step", ylabel="median ||df/dx||", title="far from the data")
+    left.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(out)
+    return out
