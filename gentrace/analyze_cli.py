@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -264,13 +264,13 @@ def analyze_lipschitz(
     _emit(over_stores(stores, lambda reader: lipschitz.run(reader, where.value, qs, jacobian, dev)), fmt, out)
 
 
-def _plot(name: str, stores: list[Path], out: Path) -> None:
+def _plot(name: str, stores: list[Path], out: Path, **options: Any) -> None:
     """Open the stores, draw with `plots.<name>` into `out` (matplotlib imported only now), say where."""
     from gentrace import plots
 
     _writable(out)
     readers = [StoreReader(store) for store in stores]
-    typer.echo(str(getattr(plots, name)(readers, out)), err=True)
+    typer.echo(str(getattr(plots, name)(readers, out, **options)), err=True)
 
 
 @plot_app.command("gsnr")
@@ -298,11 +298,7 @@ def plot_paths(
     device: Annotated[str, typer.Option(help="Where pairwise products run: auto | cpu | cuda | cuda:N.")] = "auto",
 ) -> None:
     """Cross and self similarity per epoch and layer, and nearest-neighbour ranks of three base samples."""
-    from gentrace import plots
-
-    _writable(out)
-    readers = [StoreReader(store) for store in stores]
-    typer.echo(str(plots.plot_paths(readers, out, layer=layer, device=device)), err=True)
+    _plot("plot_paths", stores, out, layer=layer, device=device)
 
 
 @plot_app.command("mi")
@@ -313,11 +309,7 @@ def plot_mi(
     reference: Annotated[MiReference, typer.Option(help="The reference classifier L.")] = MiReference.linear,
 ) -> None:
     """I(F_t;Y) and mu(F_t;L) over steps with I(L;Y) as a horizontal line (the paper's Figure 4)."""
-    from gentrace import plots
-
-    _writable(out)
-    readers = [StoreReader(store) for store in stores]
-    typer.echo(str(plots.plot_mi(readers, out, reference=reference.value)), err=True)
+    _plot("plot_mi", stores, out, reference=reference.value)
 
 
 @plot_app.command("trajectory")

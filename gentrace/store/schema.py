@@ -16,6 +16,7 @@ and updated by the writer only after all of a row's chunks are on disk.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,27 +39,44 @@ BATCHED_MAX_ROWS = 256
 # Where the final row count is unknown the writer grows an array by this many rows at a time.
 GROW_ROWS = 64
 
-# Codec names (configurable per stream in a later schema; the defaults follow SPEC section 3).
-CODECS: dict[str, Any] = {
+# Codec per kind of stream: (compressor, blosc cname, level, shuffle). One table builds both the
+# zarr codec list of the array metadata and the numcodecs encoder of the writer's direct path, so
+# the two can never disagree.
+CODEC_PARAMS: dict[str, tuple[str, Any, int, Any]] = {  # blosc cname and shuffle: the names zarr accepts
     # float32 compresses only ~1.1x: fast lz4 with byte shuffle, never zarr's default zstd-3.
-    "float": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
+    "float": ("blosc", "lz4", 5, "shuffle"),
     # int32 counts compress ~3x with bitshuffle.
-    "count": lambda: [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")],
-    "half": lambda: [ZstdCodec(level=1)],
-    "bits": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")],
-    "index": lambda: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")],
+    "count": ("blosc", "zstd", 1, "bitshuffle"),
+    "half": ("zstd", None, 1, None),
+    "bits": ("blosc", "lz4", 5, "noshuffle"),
+    "index": ("blosc", "zstd", 1, "shuffle"),
+}
+_BLOSC_SHUFFLE = {
+    "noshuffle": numcodecs.Blosc.NOSHUFFLE,
+    "shuffle": numcodecs.Blosc.SHUFFLE,
+    "bitshuffle": numcodecs.Blosc.BITSHUFFLE,
 }
 
 
-# The same codecs as numcodecs encoders, for the writer's direct path (whole-row chunks): they
-# produce the bytes zarr's codec pipeline [bytes(little endian), <codec>] would.
-CHUNK_ENCODERS: dict[str, Any] = {
-    "float": lambda: numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE),
-    "count": lambda: numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.BITSHUFFLE),
-    "half": lambda: numcodecs.Zstd(level=1),
-    "bits": lambda: numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.NOSHUFFLE),
-    "index": lambda: numcodecs.Blosc(cname="zstd", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE),
-}
+def zarr_codecs(kind: str) -> list[Any]:
+    """The zarr v3 compressors of a stream kind (array metadata)."""
+    compressor, cname, level, shuffle = CODEC_PARAMS[kind]
+    if compressor == "blosc":
+        return [BloscCodec(cname=cname, clevel=level, shuffle=shuffle)]
+    return [ZstdCodec(level=level)]
+
+
+def chunk_encoder(kind: str) -> Any:
+    """The same codec as a numcodecs encoder: the bytes zarr's pipeline [bytes (little endian), codec] writes."""
+    compressor, cname, level, shuffle = CODEC_PARAMS[kind]
+    if compressor == "blosc":
+        assert shuffle is not None
+        return numcodecs.Blosc(cname=cname, clevel=level, shuffle=_BLOSC_SHUFFLE[shuffle])
+    return numcodecs.Zstd(level=level)
+
+
+CODECS: dict[str, Any] = {kind: functools.partial(zarr_codecs, kind) for kind in CODEC_PARAMS}
+CHUNK_ENCODERS: dict[str, Any] = {kind: functools.partial(chunk_encoder, kind) for kind in CODEC_PARAMS}
 
 
 @dataclass(frozen=True)
