@@ -18,7 +18,7 @@ import typer
 from gentrace import config as config_mod
 from gentrace.analyze_cli import analyze_app, plot_app
 from gentrace.cli_errors import error_line as _err
-from gentrace.cli_errors import user_errors
+from gentrace.cli_errors import torchrun_worker, user_errors
 from gentrace.store.reader import StoreReader
 
 app = typer.Typer(
@@ -64,6 +64,7 @@ def record(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a model and stream its training dynamics into a Zarr store."""
+    quiet = quiet or torchrun_worker()  # under torchrun rank 0 alone shows progress and the store path
     overrides = list(set_ or [])
     if resume and config is None and overrides:
         raise config_mod.ConfigError("--resume continues the stored config; --set cannot change it")
@@ -95,7 +96,8 @@ def record(
     except run.Interrupted as exc:
         _err(str(exc))
         raise typer.Exit(130) from None
-    _after_record(path, quiet)
+    if not torchrun_worker():
+        _after_record(path, quiet)
 
 
 def _after_record(path: Path, quiet: bool) -> None:
@@ -175,6 +177,43 @@ def sweep(
         typer.echo(f"sweep written: {out} ({len(stores)} stores); next, try:", err=True)
         typer.echo(f"  gentrace analyze trajectory {out}", err=True)
     typer.echo(str(out))
+
+
+@app.command()
+@user_errors
+def compact(
+    store: Annotated[Path, typer.Argument(help="A finished store written by `gentrace record`.")],
+    shard_mb: Annotated[float, typer.Option("--shard-mb", help="Uncompressed MiB per shard file at most.")] = 64.0,
+    final: Annotated[
+        bool, typer.Option("--final", help="Also compact an interrupted or killed run (it can no longer be resumed).")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+) -> None:
+    """Rewrite a finished run's per-row chunk files into multi-row shards (far fewer files; same data)."""
+    from rich.progress import Progress
+
+    from gentrace.store import compact as compact_mod
+
+    total = compact_mod.array_count(store)
+    with Progress(transient=True, disable=quiet, console=_stderr_console()) as bar:
+        task = bar.add_task("compacting", total=total)
+        report = compact_mod.compact(
+            store, shard_bytes=int(shard_mb * 2**20), final=final, on_array=lambda _: bar.advance(task)
+        )
+    if not quiet:
+        mib = 2**20
+        typer.echo(
+            f"compacted {report.arrays} arrays in {report.seconds:.1f} s: files {report.files_before} -> "
+            f"{report.files_after}, disk {report.bytes_before / mib:.1f} -> {report.bytes_after / mib:.1f} MiB",
+            err=True,
+        )
+    typer.echo(str(store))
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 app.add_typer(analyze_app, name="analyze")

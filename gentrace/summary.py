@@ -39,7 +39,8 @@ def summarize(reader: StoreReader) -> dict[str, Any]:
                 last_step=int(steps[-1]) if steps is not None else None,
             )
         )
-    total_disk = sum(f.stat().st_size for f in reader.path.rglob("*") if f.is_file())
+    files = [f for f in reader.path.rglob("*") if f.is_file()]
+    total_disk = sum(f.stat().st_size for f in files)
     raw = sum(s.raw_bytes for s in streams)
     data = sum(s.disk_bytes for s in streams)
     return {
@@ -54,6 +55,8 @@ def summarize(reader: StoreReader) -> dict[str, Any]:
         "total_steps": attrs.get("total_steps"),
         "streams": [s.__dict__ for s in streams],
         "disk_bytes": total_disk,
+        "files": len(files),
+        "compacted": attrs.get("compacted"),
         "compression_ratio": raw / data if data else None,
         "writer": attrs.get("writer", {}),
     }
@@ -102,11 +105,12 @@ def render(summary: dict[str, Any]) -> str:
         )
     ratio = summary["compression_ratio"]
     writer = summary["writer"]
+    where = f"on disk    {human_bytes(summary['disk_bytes'])} in {summary['files']} files"
+    if summary["compacted"]:
+        where += " (compacted into shards)"
     lines += [
         "",
-        f"on disk    {human_bytes(summary['disk_bytes'])} in all; compression ratio {ratio:.2f}"
-        if ratio
-        else f"on disk    {human_bytes(summary['disk_bytes'])}",
+        f"{where}; compression ratio {ratio:.2f}" if ratio else where,
         f"writer     busy {writer.get('busy_s', 0):.2f} s over {writer.get('blocks', 0)} blocks "
         f"({human_bytes(writer.get('bytes', 0))} handed over)",
     ]
