@@ -6,6 +6,7 @@ Only GentraceError is caught: any other exception keeps its traceback (it is a b
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
@@ -17,9 +18,15 @@ from gentrace.errors import GentraceError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def torchrun_worker() -> bool:
+    """Whether this process is a rank other than 0 of a torchrun launch: it prints nothing, rank 0 speaks for all."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0
+
+
 def error_line(message: str) -> None:
-    """Print `error: message` on stderr."""
-    typer.echo(f"error: {message}", err=True)
+    """Print `error: message` on stderr (rank 0 only under torchrun: every rank usually fails alike)."""
+    if not torchrun_worker():
+        typer.echo(f"error: {message}", err=True)
 
 
 def user_errors(fn: F) -> F:
