@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -89,6 +89,15 @@ OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write to this 
 FigureOpt = Annotated[
     Path, typer.Option("--out", "-o", help="Image file; the extension picks the format (.png, .pdf, .svg).")
 ]
+DaskOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dask",
+        help="Run on a dask.distributed cluster: a scheduler address (tcp://host:8786) or 'local'; "
+        "needs gentrace[dask]; workers must see the stores at the same paths.",
+        show_default=False,
+    ),
+]
 
 
 def _writable(out: Path | None) -> None:
@@ -117,6 +126,18 @@ def _emit(table: pd.DataFrame | Iterable[pd.DataFrame], fmt: Format, out: Path |
         raise typer.Exit(141) from None
 
 
+def _emit_on_dask(
+    stores: list[Path], make_plan: Callable[[StoreReader, int], Any], address: str, fmt: Format, out: Path | None
+) -> None:
+    """`--dask ADDRESS`: run each store's plan on the cluster (gentrace.analyses.dask_backend), same table."""
+    from gentrace.analyses import dask_backend
+
+    _writable(out)
+    with dask_backend.connect(address) as client:
+        parts = dask_backend.parts(client)
+        _emit(over_stores(stores, lambda reader: dask_backend.frames(make_plan(reader, parts), client)), fmt, out)
+
+
 @analyze_app.command("gsnr")
 @user_errors
 def analyze_gsnr(
@@ -127,11 +148,15 @@ def analyze_gsnr(
     replicate: Annotated[str, typer.Option(help="A replicate number, or 'all'.")] = "all",
     fmt: FormatOpt = Format.csv,
     out: OutOpt = None,
+    dask: DaskOpt = None,
 ) -> None:
     """GSNR (mean, median), same-sign fraction and zero-variance count per recorded step."""
     from gentrace.analyses import gsnr
 
     chosen = _parse_replicate(replicate)
+    if dask is not None:
+        _emit_on_dask(stores, lambda reader, _: gsnr.plan(reader, by.value, chosen), dask, fmt, out)
+        return
     _emit(over_stores(stores, lambda reader: gsnr.frames(reader, by.value, chosen)), fmt, out)
 
 
@@ -168,10 +193,20 @@ def analyze_paths(
     device: Annotated[str, typer.Option(help="Where pairwise products run: auto | cpu | cuda | cuda:N.")] = "auto",
     fmt: FormatOpt = Format.csv,
     out: OutOpt = None,
+    dask: DaskOpt = None,
 ) -> None:
     """ReLU path similarity of the probe samples per recorded epoch and layer (image-functions paper)."""
     from gentrace.analyses import paths
 
+    if dask is not None:
+        _emit_on_dask(
+            stores,
+            lambda reader, n: paths.plan(reader, layer, kind.value, pairs, device=device, parts=n),
+            dask,
+            fmt,
+            out,
+        )
+        return
     _emit(over_stores(stores, lambda reader: paths.frames(reader, layer, kind.value, pairs, device=device)), fmt, out)
 
 
@@ -189,10 +224,20 @@ def analyze_mi(
     ] = False,
     fmt: FormatOpt = Format.csv,
     out: OutOpt = None,
+    dask: DaskOpt = None,
 ) -> None:
     """I(F_t;Y), I(F_t;Y_S), mu(F_t;L) and the conditional informations per recorded step, in bits."""
     from gentrace.analyses import mi
 
+    if dask is not None:
+        _emit_on_dask(
+            stores,
+            lambda reader, n: mi.plan(reader, reference.value, split.value, summary=summary, parts=n),
+            dask,
+            fmt,
+            out,
+        )
+        return
     _emit(over_stores(stores, lambda reader: mi.run(reader, reference.value, split.value, summary=summary)), fmt, out)
 
 

@@ -203,15 +203,15 @@ def test_all_zero_tensor_is_left_out_of_same_sign(tmp_path: Path) -> None:
 
 
 def test_reads_one_row_at_a_time(stores: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Memory stays bounded by one recorded row: every read of a moment array asks for one row."""
+    """Memory stays bounded by one block of one row: every read of a moment array asks for one row and replicate."""
     path, case, _ = stores["M3-n5"]
     reader = StoreReader(path)
     keys: list[tuple[str, Any]] = []
-    lazy = reader.lazy
+    lazy = StoreReader.lazy
 
     class Recording:
-        def __init__(self, path: str) -> None:
-            self.path, self.array = path, lazy(path)
+        def __init__(self, owner: StoreReader, path: str) -> None:
+            self.path, self.array = path, lazy(owner, path)
 
         def __getitem__(self, key: Any) -> Any:
             keys.append((self.path, key))
@@ -220,13 +220,16 @@ def test_reads_one_row_at_a_time(stores: dict[str, Any], monkeypatch: pytest.Mon
         def __getattr__(self, name: str) -> Any:
             return getattr(self.array, name)
 
-    monkeypatch.setattr(reader, "lazy", Recording)
+    def recording(owner: StoreReader, path: str) -> Recording:
+        return Recording(owner, path)
+
+    monkeypatch.setattr(StoreReader, "lazy", recording)  # the tasks open their own readers
     gsnr.run(reader, by="layer")
     moment_reads = [key for path, key in keys if path.endswith(gsnr.KINDS)]
-    assert len(moment_reads) == len(case.steps) * len(SHAPES) * 4
+    assert len(moment_reads) == len(case.steps) * case.replicates * len(SHAPES) * 4
     for key in moment_reads:
-        rows = key[0] if isinstance(key, tuple) else key
-        assert rows.stop - rows.start == 1, key
+        assert isinstance(key[0], int), key
+        assert isinstance(key[1], int), key
 
 
 def test_missing_stream_names_the_config_key(tmp_path: Path) -> None:

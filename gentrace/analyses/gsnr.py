@@ -21,12 +21,13 @@ float32 moments. A parameter whose samples all have a zero gradient (pos_q + neg
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
 
+from gentrace.analyses import plan as chunks
 from gentrace.errors import AnalysisInputError, StoreError
 from gentrace.store.reader import StoreReader
 
@@ -119,57 +120,90 @@ def compute(
     frames: list[pd.DataFrame] = []
     for g in range(len(step)):
         for m, label in enumerate(labels):
-            row = {t: (sum_g[t][g, m], sumsq_g[t][g, m], pos_g[t][g, m], neg_g[t][g, m]) for t in sum_g}
-            frames.append(_replicate_frame(row, int(n[g, m]), int(step[g]), int(epoch[g]), label, by, rtol))
+            tensors = ((t, [(sum_g[t][g, m], sumsq_g[t][g, m], pos_g[t][g, m], neg_g[t][g, m])]) for t in sum_g)
+            frames.append(replicate_frame(tensors, int(n[g, m]), int(step[g]), int(epoch[g]), label, by, rtol))
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in COLUMNS[by]})
     return pd.concat(frames, ignore_index=True)
 
 
-def _replicate_frame(
-    row: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+Block = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def replicate_frame(
+    tensors: Iterable[tuple[str, Iterable[Block]]],
     n: int,
     step: int,
     epoch: int,
     replicate: int,
     by: str,
-    rtol: float,
+    rtol: float = ZERO_VARIANCE_RTOL,
 ) -> pd.DataFrame:
-    """Rows of one replicate at one step; row maps tensor -> (sum, sumsq, pos, neg) [*shape]."""
+    """Rows of one replicate at one step, from each tensor's moments given block by block.
+
+    Args:
+        tensors: (name, blocks) per tensor; each block is (sum, sumsq, pos, neg) of any shape, and the
+            raveled blocks of a tensor, concatenated, are its raveled moments (`plan.row_blocks`).
+        n: samples of this replicate at this step.
+        step: the `step` column.
+        epoch: the `epoch` column.
+        replicate: the `replicate` column.
+        by: model | layer | param.
+        rtol: relative zero-variance tolerance.
+
+    Memory: one block, plus (by model or layer) r_q and same_sign_q of every parameter of the
+    group, 16 bytes each: the median needs them all.
+    """
     if n <= 0:
         raise AnalysisInputError(f"gsnr: replicate {replicate} has n = {n} samples at step {step}")
     key = {"step": step, "epoch": epoch, "replicate": replicate}
-    per_tensor: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-    for name, (s, ss, pos, neg) in row.items():
-        k, rho2 = moments(np.ravel(s), np.ravel(ss), np.asarray(n), rtol)
-        per_tensor.append((name, k, rho2, same_sign(np.ravel(pos), np.ravel(neg)), rho2 > 0))
+    param_frames: list[pd.DataFrame] = []
+    rows: list[dict[str, object]] = []
+    model: tuple[list[np.ndarray], list[np.ndarray], list[int]] = ([], [], [])
+    for name, parts in tensors:
+        r_parts, signed_parts, zero, offset = [], [], 0, 0
+        for s, ss, pos, neg in parts:
+            k, rho2 = moments(np.ravel(s), np.ravel(ss), np.asarray(n), rtol)
+            same = same_sign(np.ravel(pos), np.ravel(neg))
+            if by == "param":
+                param_frames.append(_param_frame(key, name, offset, k, rho2, same, n))
+            else:
+                varies = rho2 > 0
+                r_parts.append(k[varies] ** 2 / rho2[varies])
+                signed_parts.append(same[~np.isnan(same)])
+                zero += int(varies.size - np.count_nonzero(varies))
+            offset += k.size
+        if by == "layer":
+            rows.append({**key, "layer": name, **_stats(_cat(r_parts), _cat(signed_parts), zero, n)})
+        model[0].extend(r_parts)
+        model[1].extend(signed_parts)
+        model[2].append(zero)
     if by == "param":
-        return pd.concat(
-            [
-                pd.DataFrame(
-                    {
-                        **key,
-                        "layer": name,
-                        "index": np.arange(k.size, dtype=np.int64),
-                        "gsnr": _ratio(k, rho2),
-                        "same_sign": same,
-                        "grad_mean": k,
-                        "grad_var": rho2,
-                        "n": n,
-                    }
-                )
-                for name, k, rho2, same, _ in per_tensor
-            ],
-            ignore_index=True,
-        )
-    if by == "layer":
-        rows = [
-            {**key, "layer": name, **_stats(k, rho2, same, varies, n)} for name, k, rho2, same, varies in per_tensor
-        ]
-    else:
-        cat = [np.concatenate([t[i] for t in per_tensor]) for i in (1, 2, 3, 4)]
-        rows = [{**key, **_stats(cat[0], cat[1], cat[2], cat[3], n)}]
+        return pd.concat(param_frames, ignore_index=True)
+    if by == "model":
+        rows = [{**key, **_stats(_cat(model[0]), _cat(model[1]), sum(model[2]), n)}]
     return pd.DataFrame(rows, columns=COLUMNS[by]).astype({c: _dtype(c) for c in COLUMNS[by]})
+
+
+def _param_frame(
+    key: dict[str, int], name: str, offset: int, k: np.ndarray, rho2: np.ndarray, same: np.ndarray, n: int
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            **key,
+            "layer": name,
+            "index": np.arange(offset, offset + k.size, dtype=np.int64),
+            "gsnr": _ratio(k, rho2),
+            "same_sign": same,
+            "grad_mean": k,
+            "grad_var": rho2,
+            "n": n,
+        }
+    )
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0)
 
 
 def _ratio(k: np.ndarray, rho2: np.ndarray) -> np.ndarray:
@@ -178,15 +212,14 @@ def _ratio(k: np.ndarray, rho2: np.ndarray) -> np.ndarray:
         return np.where(rho2 > 0, k * k / rho2, np.nan)
 
 
-def _stats(k: np.ndarray, rho2: np.ndarray, same: np.ndarray, varies: np.ndarray, n: int) -> dict[str, float | int]:
-    r = k[varies] ** 2 / rho2[varies]
-    signed = same[~np.isnan(same)]
+def _stats(r: np.ndarray, signed: np.ndarray, zero_variance: int, n: int) -> dict[str, float | int]:
+    """Summary of a group: r [q] GSNR of its parameters with rho^2 > 0, signed [q'] defined same_sign values."""
     return {
         "gsnr_mean": float(r.mean()) if r.size else np.nan,
         "gsnr_median": float(np.median(r)) if r.size else np.nan,
         "same_sign": float(signed.mean()) if signed.size else np.nan,
         "n": n,
-        "zero_variance": int(varies.size - np.count_nonzero(varies)),
+        "zero_variance": zero_variance,
     }
 
 
@@ -215,10 +248,20 @@ def replicate_selection(reader: StoreReader, replicate: int | None, replicates: 
     return slice(replicate, replicate + 1), [replicate]
 
 
-def frames(
-    reader: StoreReader, by: By = "model", replicate: int | None = None, *, rtol: float = ZERO_VARIANCE_RTOL
-) -> Iterator[pd.DataFrame]:
-    """`compute` one recorded step at a time, reading one row of each array: memory stays bounded by a row."""
+def plan(
+    reader: StoreReader,
+    by: By = "model",
+    replicate: int | None = None,
+    *,
+    rtol: float = ZERO_VARIANCE_RTOL,
+    block_bytes: int = chunks.BLOCK_BYTES,
+) -> chunks.Plan:
+    """One task per recorded step and replicate (step-major, as `compute` orders its rows).
+
+    Each task reads its row of each moment array tensor by tensor, in blocks of about `block_bytes`
+    along the tensor's first axis (`chunks.row_blocks`): memory stays bounded by a block plus 16
+    bytes per parameter of one replicate at one step, whatever the number of recorded steps.
+    """
     if by not in BY:
         raise AnalysisInputError(f"gsnr: by must be one of {', '.join(BY)}, not {by!r}")
     reader.require("grad", *MISSING)
@@ -227,22 +270,33 @@ def frames(
     epochs = epochs_of(reader, steps)
     n_all = np.asarray(reader.lazy("grad/n")[:rows])
     select, labels = replicate_selection(reader, replicate, n_all.shape[1])
-    tensors = reader.grad_tensor_names()
-    arrays = {(t, kind): reader.lazy(f"grad/{t}/{kind}") for t in tensors for kind in KINDS}
-    for g in range(rows):
-        one = {kind: {t: np.asarray(arrays[t, kind][g : g + 1, select]) for t in tensors} for kind in KINDS}
-        yield compute(
-            one["sum"],
-            one["sumsq"],
-            one["pos"],
-            one["neg"],
-            n_all[g : g + 1, select],
-            steps[g : g + 1],
-            epochs[g : g + 1],
-            by=by,
-            replicates=labels,
-            rtol=rtol,
+    indices = range(n_all.shape[1])[select]
+    path = str(reader.path)
+    tasks = [
+        chunks.Task(
+            _row_task, (path, g, m, label, int(steps[g]), int(epochs[g]), int(n_all[g, m]), by, rtol, block_bytes)
         )
+        for g in range(rows)
+        for m, label in zip(indices, labels, strict=True)
+    ]
+    return chunks.Plan(tasks)
+
+
+def _row_task(
+    path: str, g: int, m: int, label: int, step: int, epoch: int, n: int, by: str, rtol: float, block_bytes: int
+) -> pd.DataFrame:
+    """The frame of replicate m at row g, read from the store at `path` block by block."""
+    reader = StoreReader(path)
+    arrays = {t: [reader.lazy(f"grad/{t}/{kind}") for kind in KINDS] for t in reader.grad_tensor_names()}
+    tensors = ((t, chunks.row_blocks(a, g, m, block_bytes)) for t, a in arrays.items())
+    return replicate_frame(tensors, n, step, epoch, label, by, rtol)  # type: ignore[arg-type]
+
+
+def frames(
+    reader: StoreReader, by: By = "model", replicate: int | None = None, *, rtol: float = ZERO_VARIANCE_RTOL
+) -> Iterator[pd.DataFrame]:
+    """`compute` one recorded step and replicate at a time, reading in blocks: memory stays bounded."""
+    return chunks.local(plan(reader, by, replicate, rtol=rtol))
 
 
 def run(

@@ -38,12 +38,14 @@ References (the `L`) are computed by gentrace.analyses.mi_references and cached 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal, get_args
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
 
+from gentrace.analyses import plan as chunks
 from gentrace.analyses.gsnr import epochs_of
 from gentrace.errors import AnalysisInputError, MissingStreamError
 from gentrace.store.reader import StoreReader
@@ -239,7 +241,7 @@ def summarize(
 
     Args:
         table: `compute`'s rows for this replicate.
-        preds: [Q, n] the same predictions.
+        preds: [Q, n] the same predictions: an array, or a lazy view whose [t0 : t0 + 1] reads one row.
         labels: [n] the labels.
         num_classes: K.
         reference_name: written into the `reference` column.
@@ -256,7 +258,7 @@ def summarize(
         nan = float("nan")
         row.update(t0_step=-1, t0_epoch=-1, mi_fy_t0=nan, mu_t0=nan, ratio=nan, mu_null_t0=nan, ratio_null=nan)
         return row
-    fy = joint_counts([np.asarray(preds)[t0 : t0 + 1], labels], num_classes)
+    fy = joint_counts([np.asarray(preds[t0 : t0 + 1]), labels], num_classes)  # only row T0 is read
     mu_null = float(information(null_counts(fy, p))["mu"][0])
     mi_fy = float(table["mi_fy"].iloc[t0])
     mu = float(table["mu"].iloc[t0])
@@ -282,6 +284,153 @@ def check_classification(reader: StoreReader) -> int:
             f"(loss {reader.attrs.get('loss')!r}); mutual information of predicted classes does not apply"
         )
     return k
+
+
+# Prediction values per task: joint_counts holds ~4 int64 temporaries per value, so ~64 MiB at this size.
+BLOCK_VALUES = 2**21
+
+
+class ReplicateRows:
+    """Lazy [Q, n] view of replicate m in a [Q, M, n] zarr array: `view[a:b]` reads rows a..b-1 only."""
+
+    def __init__(self, array: Any, m: int) -> None:
+        self.array, self.m = array, m
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.asarray(self.array[rows, self.m])
+
+
+def mi_fy_by_step(reader: StoreReader, split: Split, m: int, labels: np.ndarray, rows: int, k: int) -> np.ndarray:
+    """I(F_t;Y) [rows] of replicate m on `split` at the first `rows` recorded steps, reading row blocks."""
+    array = reader.lazy(f"preds/{split}")
+    step = max(1, BLOCK_VALUES // max(1, int(array.shape[-1])))
+    parts = [
+        mutual_information(joint_counts([np.asarray(array[a : min(rows, a + step), m]), labels], k))
+        for a in range(0, rows, step)
+    ]
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
+def plan(
+    reader: StoreReader,
+    reference: str = "linear",
+    split: Split = "test",
+    *,
+    summary: bool = False,
+    cache: bool = True,
+    parts: int = 1,
+) -> chunks.Plan:
+    """Tasks of `run`: one per replicate and block of recorded steps (replicate-major, as `run` orders rows).
+
+    Each task reads its block of `preds/<split>` (and `preds/train`) rows, at most about BLOCK_VALUES
+    values, so memory stays bounded by a block whatever the number of recorded steps; at least
+    `parts` blocks per replicate (for a cluster). The reference predictions [M, n] are fitted (or read
+    from the cache) here, once; `--summary` reads one more row per replicate, at T0.
+    """
+    from gentrace.analyses import mi_references
+
+    if split not in SPLITS:
+        raise AnalysisInputError(f"mi: split must be one of {', '.join(SPLITS)}, not {split!r}")
+    k = check_classification(reader)
+    if f"preds/{split}" not in reader.streams()["preds"]:
+        raise MissingStreamError(
+            f"{reader.path}: this run has no {split} predictions; record them with record.predictions.splits"
+        )
+    q = len(reader.array("preds/step"))  # read once: a live run may commit more rows meanwhile
+    array = reader.lazy(f"preds/{split}")  # [Q, M, n]
+    replicates, n = int(array.shape[1]), int(array.shape[2])
+    if reference not in (*mi_references.REFERENCES, "null"):
+        choices = ", ".join((*mi_references.REFERENCES, "null"))
+        raise AnalysisInputError(f"mi: reference must be one of {choices}, not {reference!r}")
+    fitted = "linear" if reference == "null" else reference
+    ref_preds = mi_references.reference_predictions(reader, fitted, split, cache=cache)  # [M, n]
+    path = str(reader.path)
+    ranges = chunks.row_ranges(q, max(1, BLOCK_VALUES // max(1, n)), parts)
+    tasks: list[chunks.Task] = []
+    labels_of: list[np.ndarray] = []
+    for m in range(replicates):
+        y = _labels(reader, split, m)
+        labels_of.append(y)
+        p = None
+        if reference == "null":
+            y_counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=k).astype(np.float64)
+            p = null_p(y_counts, float(mutual_information(joint_counts([ref_preds[m], y], k))[0]))
+        ref = None if p is not None else np.asarray(ref_preds[m], dtype=np.int16)
+        label = m if replicates > 1 and not summary else None
+        tasks.extend(chunks.Task(_block_task, (path, split, m, a, b, ref, p, k, label)) for a, b in ranges)
+    if not summary:
+        return chunks.Plan(tasks)
+    finish = partial(_summaries, path, split, labels_of, k, reference, len(ranges))
+    return chunks.Plan(tasks, finish)
+
+
+def _labels(reader: StoreReader, split: str, m: int) -> np.ndarray:
+    """Y of replicate m on `split`: the shared test labels, or its own training labels."""
+    if split == "test":
+        return reader.array("data/labels_test")
+    return np.asarray(reader.lazy("data/labels_train")[m])
+
+
+def _block_task(
+    path: str,
+    split: str,
+    m: int,
+    a: int,
+    b: int,
+    reference: np.ndarray | None,
+    null: float | None,
+    k: int,
+    label: int | None,
+) -> pd.DataFrame:
+    """`compute` on prediction rows a..b-1 of replicate m, read from the store at `path`."""
+    reader = StoreReader(path)
+    steps = np.asarray(reader.lazy("preds/step")[a:b])
+    has_train = "preds/train" in reader.streams()["preds"]
+    table = compute(
+        np.asarray(reader.lazy(f"preds/{split}")[a:b, m]),
+        _labels(reader, split, m),
+        reference,
+        steps,
+        epochs_of(reader, steps),
+        k,
+        preds_train=np.asarray(reader.lazy("preds/train")[a:b, m]) if has_train else None,
+        labels_train=np.asarray(reader.lazy("data/labels_train")[m]),
+        null=null,
+    )
+    if label is not None:
+        table.insert(0, "replicate", label)
+    return table
+
+
+def _summaries(
+    path: str,
+    split: str,
+    labels_of: list[np.ndarray],
+    k: int,
+    reference: str,
+    per_replicate: int,
+    frames: Iterator[pd.DataFrame],
+) -> Iterator[pd.DataFrame]:
+    """--summary: gather each replicate's per-step rows (per_replicate task frames), summarize them."""
+    array = StoreReader(path).lazy(f"preds/{split}")
+    rows = []
+    for m, y in enumerate(labels_of):
+        table = pd.concat([next(frames) for _ in range(per_replicate)], ignore_index=True)
+        rows.append({"replicate": m, **summarize(table, ReplicateRows(array, m), y, k, reference)})  # type: ignore[arg-type]
+    out = pd.DataFrame(rows, columns=["replicate", *SUMMARY_COLUMNS])
+    yield out if len(labels_of) > 1 else out.drop(columns="replicate")
+
+
+def frames(
+    reader: StoreReader,
+    reference: str = "linear",
+    split: Split = "test",
+    *,
+    summary: bool = False,
+    cache: bool = True,
+) -> Iterator[pd.DataFrame]:
+    """`run` one block of recorded steps at a time (see `plan`)."""
+    return chunks.local(plan(reader, reference, split, summary=summary, cache=cache))
 
 
 def run(
@@ -310,54 +459,4 @@ def run(
         MissingStreamError: no predictions (or not of `split`).
         AnalysisInputError: a regression store, an unknown reference or split.
     """
-    from gentrace.analyses import mi_references
-
-    if split not in SPLITS:
-        raise AnalysisInputError(f"mi: split must be one of {', '.join(SPLITS)}, not {split!r}")
-    k = check_classification(reader)
-    if f"preds/{split}" not in reader.streams()["preds"]:
-        raise MissingStreamError(
-            f"{reader.path}: this run has no {split} predictions; record them with record.predictions.splits"
-        )
-    steps = reader.array("preds/step")
-    q = len(steps)  # read once: a live run may commit more rows meanwhile
-    epochs = epochs_of(reader, steps)
-    preds = np.asarray(reader.lazy(f"preds/{split}")[:q])  # [Q, M, n]
-    has_train = "preds/train" in reader.streams()["preds"]
-    preds_train = np.asarray(reader.lazy("preds/train")[:q]) if has_train else None
-    labels_train = reader.array("data/labels_train")  # [M, n_s]
-    labels = reader.array("data/labels_test") if split == "test" else None
-    if reference not in (*mi_references.REFERENCES, "null"):
-        choices = ", ".join((*mi_references.REFERENCES, "null"))
-        raise AnalysisInputError(f"mi: reference must be one of {choices}, not {reference!r}")
-    fitted = "linear" if reference == "null" else reference
-    ref_preds = mi_references.reference_predictions(reader, fitted, split, cache=cache)  # [M, n]
-    replicates = preds.shape[1]
-    frames, rows = [], []
-    for m in range(replicates):
-        y = labels if labels is not None else labels_train[m]
-        p = None
-        if reference == "null":
-            y_counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=k).astype(np.float64)
-            p = null_p(y_counts, float(mutual_information(joint_counts([ref_preds[m], y], k))[0]))
-        table = compute(
-            preds[:, m],
-            y,
-            None if p is not None else ref_preds[m],
-            steps,
-            epochs,
-            k,
-            preds_train=preds_train[:, m] if preds_train is not None else None,
-            labels_train=labels_train[m],
-            null=p,
-        )
-        if summary:
-            rows.append({"replicate": m, **summarize(table, preds[:, m], y, k, reference)})
-        else:
-            if replicates > 1:
-                table.insert(0, "replicate", m)
-            frames.append(table)
-    if summary:
-        out = pd.DataFrame(rows, columns=["replicate", *SUMMARY_COLUMNS])
-        return out if replicates > 1 else out.drop(columns="replicate")
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(list(frames(reader, reference, split, summary=summary, cache=cache)), ignore_index=True)

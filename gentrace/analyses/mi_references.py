@@ -153,11 +153,10 @@ def _target_step(reader: StoreReader, name: str) -> list[int]:
     linear = reference_predictions(reader, "linear", "test")
     labels = reader.array("data/labels_test")
     k = mi.check_classification(reader)
-    preds = np.asarray(reader.lazy("preds/test")[: len(steps)])
     out = []
     for m in range(linear.shape[0]):
         mi_ly = float(mi.mutual_information(mi.joint_counts([linear[m], labels], k))[0])
-        mi_fy = mi.mutual_information(mi.joint_counts([preds[:, m], labels], k))
+        mi_fy = mi.mi_fy_by_step(reader, "test", m, labels, len(steps), k)  # row blocks, not the whole array
         t0 = mi.first_reaching(mi_fy, mi_ly)
         out.append(int(steps[-1] if t0 is None else steps[t0]))
     return out

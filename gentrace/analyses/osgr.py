@@ -30,11 +30,12 @@ is derived for full-batch gradient descent with a small learning rate (`train.ba
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
+from gentrace.analyses import plan as chunks
 from gentrace.analyses.gsnr import MISSING, ZERO_VARIANCE_RTOL, epochs_of, moments
 from gentrace.errors import AnalysisInputError
 from gentrace.store.reader import StoreReader
@@ -68,6 +69,16 @@ def rhs(
     Returns:
         osgr_rhs [G], osgr_rhs_weighted [G] float64 (NaN where every k_qm is 0), n [G] int64.
     """
+    return rhs_blocks(lambda g: ((sum_g[name][g], sumsq_g[name][g]) for name in sum_g), n, rtol=rtol)
+
+
+def rhs_blocks(
+    blocks_of: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]],
+    n: np.ndarray,
+    *,
+    rtol: float = ZERO_VARIANCE_RTOL,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`rhs` with the moments of row g given as (sum, sumsq) blocks [M, ...] by `blocks_of(g)` (see `row_sums`)."""
     n = np.asarray(n)
     if n.ndim != 2 or n.shape[1] < 2:
         raise AnalysisInputError(f"osgr needs M >= 2 replicates (n has shape {n.shape}); set train.replicates")
@@ -78,24 +89,43 @@ def rhs(
         )
     rows = n.shape[0]
     n_row = n[:, 0].astype(np.int64)
-    ek2_sum = np.zeros(rows)  # sum_q mean_m k_qm^2
-    rho2_sum = np.zeros(rows)  # sum_q mean_m rho_qm^2
-    weighted_sum = np.zeros(rows)  # sum_q Ek2_q rho2_q / (Ek2_q + rho2_q / n), i.e. sum_q S W_q / (r_q + 1/n)
+    sums = np.zeros((rows, 3))
     for g in range(rows):
         if n_row[g] <= 0:
             raise AnalysisInputError(f"osgr: row {g} has n = {n_row[g]} samples")
-        for name in sum_g:
-            k, rho2 = moments(sum_g[name][g], sumsq_g[name][g], n[g], rtol)  # [M, *shape]
-            ek2, rho2_mean = (k * k).mean(axis=0), rho2.mean(axis=0)  # eq. 22
-            ek2_sum[g] += ek2.sum()
-            rho2_sum[g] += rho2_mean.sum()
-            denominator = ek2 + rho2_mean / n_row[g]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                terms = np.where(denominator > 0, ek2 * rho2_mean / denominator, 0.0)
-            weighted_sum[g] += terms.sum()
+        sums[g] = row_sums(blocks_of(g), n[g], rtol)
+    ek2_sum, rho2_sum, weighted_sum = sums.T
     with np.errstate(invalid="ignore", divide="ignore"):
         scale = np.where(ek2_sum > 0, 1.0 / (n_row * ek2_sum), np.nan)
     return 1.0 - rho2_sum * scale, 1.0 - weighted_sum * scale, n_row
+
+
+def row_sums(
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]], n: np.ndarray, rtol: float = ZERO_VARIANCE_RTOL
+) -> tuple[float, float, float]:
+    """The three sums over q of one recorded step, accumulated block by block.
+
+    Args:
+        blocks: (sum, sumsq) pairs [M, ...] covering every parameter once (whole tensors, or blocks
+            of them along their first axis as `plan.row_blocks` reads them).
+        n: [M] samples per replicate (all equal).
+        rtol: relative zero-variance tolerance.
+
+    Returns:
+        sum_q Ek2_q, sum_q rho2_q, and sum_q Ek2_q rho2_q / (Ek2_q + rho2_q / n) (= sum_q S W_q / (r_q + 1/n)).
+    """
+    ek2_sum = rho2_sum = weighted_sum = 0.0
+    n_one = int(np.asarray(n).ravel()[0])
+    for s, ss in blocks:
+        k, rho2 = moments(s, ss, n, rtol)  # [M, ...]
+        ek2, rho2_mean = (k * k).mean(axis=0), rho2.mean(axis=0)  # eq. 22
+        ek2_sum += ek2.sum()
+        rho2_sum += rho2_mean.sum()
+        denominator = ek2 + rho2_mean / n_one
+        with np.errstate(invalid="ignore", divide="ignore"):
+            terms = np.where(denominator > 0, ek2 * rho2_mean / denominator, 0.0)
+        weighted_sum += terms.sum()
+    return float(ek2_sum), float(rho2_sum), float(weighted_sum)
 
 
 def lhs(step: np.ndarray, metric_step: np.ndarray, train_loss: np.ndarray, test_loss: np.ndarray) -> np.ndarray:
@@ -212,8 +242,8 @@ def summarize(per_step: pd.DataFrame) -> pd.DataFrame:
 def run(reader: StoreReader, summary: bool = False, *, rtol: float = ZERO_VARIANCE_RTOL) -> pd.DataFrame:
     """OSGR of every recorded gradient step of a store (SPEC section 5, `gentrace analyze osgr`).
 
-    Reads the gradient moments one row at a time (memory bounded by a row) and the small metrics
-    arrays whole.
+    Reads the gradient moments one row of one tensor at a time, in blocks along the tensor's first axis
+    (memory bounded by a block of M replicates), and the small metrics arrays whole.
 
     Args:
         reader: an opened store with gradient moments, M >= 2 replicates and per-step metrics.
@@ -245,17 +275,11 @@ def run(reader: StoreReader, summary: bool = False, *, rtol: float = ZERO_VARIAN
             "of eq. 17 needs; record them with record.eval_every_steps = 1"
         )
     tensors = reader.grad_tensor_names()
-    sums = {t: reader.lazy(f"grad/{t}/sum") for t in tensors}
-    sumsqs = {t: reader.lazy(f"grad/{t}/sumsq") for t in tensors}
-    parts = [
-        rhs(
-            {t: np.asarray(a[g : g + 1]) for t, a in sums.items()},
-            {t: np.asarray(a[g : g + 1]) for t, a in sumsqs.items()},
-            n_all[g : g + 1],
-            rtol=rtol,
-        )
-        for g in range(rows)
-    ]
-    osgr_rhs, osgr_rhs_weighted, n_row = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    arrays = [[reader.lazy(f"grad/{t}/sum"), reader.lazy(f"grad/{t}/sumsq")] for t in tensors]
+    osgr_rhs, osgr_rhs_weighted, n_row = rhs_blocks(
+        lambda g: (block for a in arrays for block in chunks.row_blocks(a, g, slice(None))),  # type: ignore[misc]
+        n_all,
+        rtol=rtol,
+    )
     per_step = _frame(steps, epochs_of(reader, steps), osgr_lhs, osgr_rhs, osgr_rhs_weighted, n_row)
     return summarize(per_step) if summary else per_step

@@ -43,12 +43,14 @@ columns, see `rank_frames` and `ratio`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
 
 from gentrace.analyses import bits
+from gentrace.analyses import plan as chunks
 from gentrace.errors import AnalysisInputError, MissingStreamError, StoreError
 from gentrace.store.reader import StoreReader
 
@@ -383,6 +385,78 @@ def layers_of(reader: StoreReader, layer: str = "all") -> list[str]:
     return [layer]
 
 
+def plan(
+    reader: StoreReader,
+    layer: str = "all",
+    kind: Kind = "overlap",
+    pairs: bool = False,
+    *,
+    bases: Sequence[int] | None = None,
+    device: str | None = None,
+    parts: int = 1,
+) -> chunks.Plan:
+    """Tasks of `run`: per layer, `parts` blocks of consecutive recorded epochs (rank: the whole layer).
+
+    A task reads its layer's bit rows one epoch at a time (two epochs of bits and Gram matrices in
+    memory); cross and self also read the row before the block, whose frame the previous task
+    yields. rank carries the nearest sets and the change counts from epoch to epoch: one task per
+    layer. ratio gathers each layer's cross summaries into one row (`plan.finish`).
+    """
+    if kind not in KINDS:
+        raise AnalysisInputError(f"paths: kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    if kind == "ratio" and pairs:
+        raise AnalysisInputError("paths: --pairs has no rows for kind ratio (one number per layer)")
+    names = layers_of(reader, layer)
+    epochs = tuple(int(e) for e in reader.array("acts/epoch"))  # read once: a live run may commit more rows
+    decays = decay_epochs(recorded_lr(reader)) if kind == "ratio" else []
+    if kind == "ratio" and not decays:
+        raise AnalysisInputError(f"{reader.path}: {NO_DECAY}")
+    path, chosen = str(reader.path), None if bases is None else tuple(int(b) for b in bases)
+    per_layer = [(0, len(epochs))] if kind == "rank" else chunks.blocks(len(epochs), parts)
+    task_kind = "cross" if kind == "ratio" else kind
+    tasks = [
+        chunks.Task(_layer_task, (path, name, task_kind, pairs, chosen, device, epochs, a, b))
+        for name in names
+        for a, b in per_layer
+    ]
+    if kind != "ratio":
+        return chunks.Plan(tasks)
+    return chunks.Plan(tasks, partial(_ratios, names, epochs, decays))
+
+
+def _layer_task(
+    path: str,
+    name: str,
+    kind: str,
+    pairs: bool,
+    bases: tuple[int, ...] | None,
+    device: str | None,
+    epochs: tuple[int, ...],
+    a: int,
+    b: int,
+) -> Iterator[pd.DataFrame]:
+    """Frames of layer `name` at recorded epochs a..b-1, reading its bit rows one at a time."""
+    start = a - 1 if kind in ("cross", "self") and a > 0 else a  # the previous epoch, compared with epoch a
+    array = StoreReader(path).lazy(f"acts/{name}/bits")
+    rows = (np.asarray(array[r]) for r in range(start, b))
+    if kind == "rank":
+        yield from rank_frames(name, epochs[start:b], rows, pairs=pairs, bases=bases, device=device)
+    else:
+        yield from layer_frames(name, epochs[start:b], rows, kind, pairs=pairs, device=device)  # type: ignore[arg-type]
+
+
+def _ratios(
+    names: list[str], epochs: tuple[int, ...], decays: list[int], frames: Iterator[pd.DataFrame]
+) -> Iterator[pd.DataFrame]:
+    """For kind ratio: each layer's cross summaries (in any number of frames) -> its one ratio row."""
+    by_layer: dict[str, list[pd.DataFrame]] = {name: [] for name in names}
+    for frame in frames:
+        by_layer[str(frame["layer"].iloc[0])].append(frame)
+    for name in names:
+        per_epoch = pd.concat(by_layer[name], ignore_index=True) if by_layer[name] else pd.DataFrame(columns=COLUMNS)
+        yield ratio(name, per_epoch, epochs, decays)
+
+
 def frames(
     reader: StoreReader,
     layer: str = "all",
@@ -393,24 +467,7 @@ def frames(
     device: str | None = None,
 ) -> Iterator[pd.DataFrame]:
     """`run` one layer and epoch at a time: memory holds two epochs of one layer's bits and Gram matrices."""
-    if kind not in KINDS:
-        raise AnalysisInputError(f"paths: kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    if kind == "ratio" and pairs:
-        raise AnalysisInputError("paths: --pairs has no rows for kind ratio (one number per layer)")
-    names = layers_of(reader, layer)
-    epochs = [int(e) for e in reader.array("acts/epoch")]  # read once: a live run may commit more rows
-    decays = decay_epochs(recorded_lr(reader)) if kind == "ratio" else []
-    if kind == "ratio" and not decays:
-        raise AnalysisInputError(f"{reader.path}: {NO_DECAY}")
-    for name in names:
-        rows = (block[0] for _, block in reader.iter_rows(f"acts/{name}/bits"))
-        if kind == "rank":
-            yield from rank_frames(name, epochs, rows, pairs=pairs, bases=bases, device=device)
-        elif kind == "ratio":
-            per_epoch = pd.concat(list(layer_frames(name, epochs, rows, "cross", device=device)), ignore_index=True)
-            yield ratio(name, per_epoch, epochs, decays)
-        else:
-            yield from layer_frames(name, epochs, rows, kind, pairs=pairs, device=device)
+    return chunks.local(plan(reader, layer, kind, pairs, bases=bases, device=device))
 
 
 def run(

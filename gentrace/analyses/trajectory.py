@@ -30,11 +30,13 @@ snapshot within the last 10 epochs' worth of steps (s > s_T - 10 * steps_per_epo
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
 
+from gentrace.analyses import plan as chunks
 from gentrace.errors import AnalysisInputError, MissingStreamError
 from gentrace.store.reader import StoreReader
 
@@ -55,9 +57,49 @@ COLUMNS: dict[str, list[str]] = {
 }  # fmt: skip
 
 
-def moves(b: np.ndarray) -> np.ndarray:
-    """||b_{s_k} - b_{s_{k-1}}|| per recorded move: b [S, M, D] -> [S-1, M] float64."""
-    return np.linalg.norm(np.diff(b.astype(np.float64), axis=0), axis=-1)
+class Rows:
+    """Snapshots b [S, M, *shape] served one row at a time as [M, D] float64, read in blocks of rows.
+
+    `source` is an array or a lazy zarr array (only its rows `order` are read, a block of about
+    BLOCK_BYTES of consecutive stored rows at a time), so memory stays bounded by a block whatever S.
+    """
+
+    def __init__(self, source: Any, order: np.ndarray, block_bytes: int = chunks.BLOCK_BYTES) -> None:
+        self.source, self.order = source, np.asarray(order, dtype=np.int64)
+        self.stored = int(self.order.max()) + 1 if len(self.order) else 0
+        per_row = int(np.prod(source.shape[1:], dtype=np.int64)) * 8
+        self.block = max(1, block_bytes // max(1, per_row))
+        self._start, self._rows = 0, np.empty((0,))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        j = int(self.order[i])
+        if not self._start <= j < self._start + len(self._rows):
+            self._start = j - j % self.block
+            self._rows = np.asarray(self.source[self._start : min(self.stored, self._start + self.block)])
+        row = self._rows[j - self._start]
+        return row.reshape(row.shape[0], -1).astype(np.float64)
+
+
+def step_variance(b: Rows, index: Sequence[int]) -> np.ndarray:
+    """Population variance over the snapshots `index` of b, summed over coordinates: -> [M].
+
+    Two passes over the rows (mean, then squared deviations), summed row after row as NumPy's
+    var(axis=0) does, so no more than two rows are held.
+    """
+    total: np.ndarray | None = None
+    for i in index:
+        total = b[i] if total is None else total + b[i]
+    assert total is not None
+    mean = total / len(index)
+    squares: np.ndarray | None = None
+    for i in index:
+        dev = b[i] - mean
+        squares = dev * dev if squares is None else squares + dev * dev
+    assert squares is not None
+    return (squares / len(index)).sum(axis=-1)
 
 
 def denominators(steps: np.ndarray, fine_step: np.ndarray, lr: np.ndarray, err: np.ndarray) -> np.ndarray:
@@ -85,11 +127,6 @@ def _normalized(delta: np.ndarray, denom: np.ndarray) -> np.ndarray:
     return out
 
 
-def step_variance(b: np.ndarray) -> np.ndarray:
-    """Population variance over snapshots, summed over coordinates: b [K, M, D] -> [M]."""
-    return b.astype(np.float64).var(axis=0).sum(axis=-1)
-
-
 def default_last(steps: np.ndarray, steps_per_epoch: int) -> int:
     """Snapshots within the last LAST_EPOCHS epochs' worth of steps (s > s_T - 10 * steps_per_epoch)."""
     return int((steps > steps[-1] - LAST_EPOCHS * steps_per_epoch).sum())
@@ -97,7 +134,7 @@ def default_last(steps: np.ndarray, steps_per_epoch: int) -> int:
 
 def compute(
     steps: np.ndarray,
-    b: np.ndarray,
+    b: np.ndarray | Rows,
     fine_step: np.ndarray,
     lr: np.ndarray,
     err: np.ndarray,
@@ -109,7 +146,7 @@ def compute(
 
     Args:
         steps: [S] snapshot steps, increasing, S >= 1.
-        b: [S, M, *shape] snapshots of the tensor.
+        b: [S, M, *shape] snapshots of the tensor (an array), or `Rows` reading them lazily.
         fine_step: [F] metrics_fine/step.
         lr: [F] metrics_fine/lr.
         err: [F, M] metrics_fine/batch_error.
@@ -121,11 +158,18 @@ def compute(
         raise AnalysisInputError(f"--by must be one of {', '.join(BY)}, not {by!r}")
     if last is not None and last < 1:
         raise AnalysisInputError(f"--last must be at least 1, not {last}")
-    flat = b.reshape(b.shape[0], b.shape[1], -1).astype(np.float64)  # [S, M, D]
-    n_rep = flat.shape[1]
-    delta = moves(flat)  # [S-1, M]
+    rows = b if isinstance(b, Rows) else Rows(b, np.arange(len(steps)))
+    first = rows[0]  # [M, D]
+    n_rep = first.shape[0]
+    delta = np.zeros((len(steps) - 1, n_rep))  # [S-1, M] ||b_k - b_{k-1}||
+    dist = np.zeros((len(steps), n_rep))  # [S, M] ||b_k - b_0||
+    prev = first
+    for k in range(1, len(steps)):
+        now = rows[k]
+        delta[k - 1] = np.linalg.norm(now - prev, axis=-1)
+        dist[k] = np.linalg.norm(now - first, axis=-1)
+        prev = now
     norm = _normalized(delta, denominators(steps, fine_step, lr, err))
-    dist = np.linalg.norm(flat - flat[:1], axis=-1)  # [S, M]
     replicate = np.arange(n_rep)
     if by == "replicate":
         k = min(last if last is not None else default_last(steps, steps_per_epoch), len(steps))
@@ -136,7 +180,7 @@ def compute(
                 "length": delta.sum(axis=0),
                 "normalized_length": norm.sum(axis=0),
                 "distance_from_init": dist[-1],
-                "step_variance": step_variance(flat[-k:]),
+                "step_variance": step_variance(rows, range(len(steps) - k, len(steps))),
                 "last_k": np.full(n_rep, k),
             }
         )
@@ -156,12 +200,13 @@ def compute(
             }
         ).sort_values(["replicate", "step"], kind="stable", ignore_index=True)
     move_epoch = (steps[1:] - 1) // steps_per_epoch  # [S-1] the epoch of each move's last update
-    rows = []
+    records = []
     for e in np.unique(move_epoch):
         in_e = move_epoch == e
         after = np.flatnonzero(in_e) + 1  # snapshots taken after this epoch's updates
+        variance = step_variance(rows, [int(i) for i in after])
         for m in range(n_rep):
-            rows.append(
+            records.append(
                 {
                     "replicate": m,
                     "epoch": int(e),
@@ -169,10 +214,10 @@ def compute(
                     "length": float(delta[in_e, m].sum()),
                     "normalized_length": float(norm[in_e, m].sum()),
                     "distance_from_init": float(dist[after[-1], m]),
-                    "step_variance": float(step_variance(flat[after, m : m + 1])[0]),
+                    "step_variance": float(variance[m]),
                 }
             )
-    frame = pd.DataFrame(rows, columns=[c for c in COLUMNS["epoch"] if c not in ("param", "source")])
+    frame = pd.DataFrame(records, columns=[c for c in COLUMNS["epoch"] if c not in ("param", "source")])
     return frame.sort_values(["replicate", "epoch"], kind="stable", ignore_index=True)
 
 
@@ -217,11 +262,11 @@ def run(reader: StoreReader, param: str | None = None, last: int | None = None, 
     if not reader.has("metrics_fine") or reader.committed("metrics_fine") == 0:
         raise MissingStreamError(f"{reader.path}: this run has no metrics_fine rows (per-step lr and batch error)")
     steps = reader.array(f"{stream}/step")
-    b = reader.array(f"{stream}/{name}")
     order = np.argsort(steps, kind="stable")
+    b = Rows(reader.lazy(f"{stream}/{name}"), order)  # read in row blocks: a `params` tensor can be large
     frame = compute(
         steps[order],
-        b[order],
+        b,
         reader.array("metrics_fine/step"),
         reader.array("metrics_fine/lr"),
         reader.array("metrics_fine/batch_error"),

@@ -1,0 +1,112 @@
+"""`--dask`: gsnr, paths and mi on a dask.distributed cluster give the in-process table exactly.
+
+The workers run the same chunk tasks (gentrace.analyses.plan) as `plan.local`, and every chunk's
+numbers come from the same code on the same rows, so the tables are compared with
+`check_exact=True`: equal to the last bit, not to a tolerance. The split into chunks differs (paths
+and mi are cut into `parts` blocks on the cluster, one per layer or replicate in-process), which
+also checks that the blocks join without a seam.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from conftest import one_error_line, run_cli
+from synthetic_store import Size, write_store
+from typer.testing import CliRunner
+
+from gentrace.analyses import dask_backend, gsnr, mi, paths
+from gentrace.analyses import plan as chunks
+from gentrace.cli import app
+from gentrace.store.reader import StoreReader
+
+distributed = pytest.importorskip("dask.distributed")
+
+SIZE = Size(rows=7, params=8192, replicates=2, probes=40, units=2000, n_test=3000, n_train=700, classes=4)
+PARTS = 3  # blocks per layer (paths) or replicate (mi) on the cluster
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    plan: Callable[[StoreReader, int], chunks.Plan]
+
+
+CASES = [
+    *(Case(f"gsnr-{by}", lambda r, _, by=by: gsnr.plan(r, by)) for by in gsnr.BY),
+    Case("gsnr-replicate-1", lambda r, _: gsnr.plan(r, "layer", 1)),
+    *(
+        Case(f"paths-{kind}", lambda r, n, kind=kind: paths.plan(r, kind=kind, device="cpu", parts=n))
+        for kind in ("overlap", "cross", "self", "rank")
+    ),
+    Case("paths-cross-pairs", lambda r, n: paths.plan(r, kind="cross", pairs=True, device="cpu", parts=n)),
+    Case("mi-linear", lambda r, n: mi.plan(r, parts=n)),
+    Case("mi-null-summary", lambda r, n: mi.plan(r, "null", summary=True, parts=n)),
+    Case("mi-train", lambda r, n: mi.plan(r, split="train", parts=n)),
+]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_store(tmp_path_factory.mktemp("dask") / "run.zarr", SIZE)
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Any]:
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        yield c
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_cluster_equals_in_process(store: Path, client: Any, case: Case) -> None:
+    reader = StoreReader(store)
+    here = pd.concat(list(chunks.local(case.plan(reader, 1))), ignore_index=True)
+    there = pd.concat(list(dask_backend.frames(case.plan(reader, PARTS), client)), ignore_index=True)
+    assert len(here) > 0
+    pd.testing.assert_frame_equal(there, here, check_exact=True)
+
+
+def test_tasks_ran_on_the_workers(store: Path, client: Any) -> None:
+    before = sum(len(log) for log in client.run(lambda dask_worker: list(dask_worker.state.log)).values())
+    list(dask_backend.frames(gsnr.plan(StoreReader(store)), client))
+    after = sum(len(log) for log in client.run(lambda dask_worker: list(dask_worker.state.log)).values())
+    assert after > before
+
+
+def test_worker_errors_keep_their_type(store: Path, client: Any) -> None:
+    plan = mi.plan(StoreReader(store), parts=2)
+    broken = chunks.Plan([chunks.Task(mi._block_task, ("/no/such/store", *plan.tasks[0].args[1:]))])
+    with pytest.raises(Exception, match="does not exist"):
+        list(dask_backend.frames(broken, client))
+
+
+@pytest.mark.slow
+def test_cli_dask_local_prints_the_same_csv(store: Path) -> None:
+    command = ["analyze", "paths", str(store), "--kind", "cross", "--device", "cpu"]  # blocks of epochs per layer
+    here = run_cli(*command)
+    there = run_cli(*command, "--dask", "local", timeout=300)  # a LocalCluster of worker processes
+    assert here.returncode == 0, here.stderr
+    assert there.returncode == 0, there.stderr
+    assert there.stdout == here.stdout
+
+
+def test_unreachable_scheduler_is_one_line_exit_2(store: Path) -> None:
+    done = run_cli("analyze", "gsnr", store, "--dask", "tcp://127.0.0.1:9")
+    assert done.returncode == 2
+    assert "no dask scheduler answers" in one_error_line(done.stderr)
+
+
+def test_without_distributed_is_one_line_exit_2(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)  # import fails as if not installed
+    result = CliRunner().invoke(app, ["analyze", "mi", str(store), "--dask", "local"])
+    assert result.exit_code == 2
+    assert "pip install 'gentrace[dask]'" in result.output
