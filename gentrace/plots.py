@@ -226,7 +226,7 @@ def plot_lipschitz(readers: Sequence[StoreReader], out: Path, device: str | None
     figure = _figure(CURVES_SIZE)
     left, right = figure.subplots(1, 2)
     for reader in readers:
-        frame = lipschitz.run(reader, where="all", quantiles=(0.5,), device=device)
+        frame = lipschitz.run(reader, where=("train", "far"), quantiles=(0.5,), device=device)
         near = frame[frame["where"] == "train"].groupby("step")["q50"].mean()
         far = frame[frame["where"].str.startswith("far")].groupby("step")["q50"].mean()
         left.plot(near.index.to_numpy(), near.to_numpy(), marker=".", label=store_label(reader))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -20,11 +22,29 @@ from gentrace.store.reader import StoreReader
 
 RTOL, ATOL = 1e-4, 1e-6  # float32 batched values vs float64 references
 
-# (id, model config, input shape, outputs)
-CASES = [
+
+def _batchnorm_cnn(k: int) -> nn.Module:
+    """A small conv net with BatchNorm (resnet-like blocks without the cost): `[B, 3, 8, 8] -> [B, k]`."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, k),
+    )
+
+
+# (id, model: a model config or a builder of out_dim, input shape, outputs)
+CASES: list[tuple[str, ModelConfig | Callable[[int], nn.Module], tuple[int, ...], int]] = [
     ("mlp-1out", ModelConfig(arch="mlp", hidden=(16, 16, 16)), (5,), 1),
     ("mlp-3out", ModelConfig(arch="mlp", hidden=(16, 16)), (5,), 3),
     ("cnn-4out", ModelConfig(arch="cnn", hidden=(12,), channels=4), (1, 8, 8), 4),
+    ("cnn-1out-3ch", ModelConfig(arch="cnn", hidden=(8,), channels=3), (3, 6, 10), 1),
+    ("batchnorm-cnn-3out", _batchnorm_cnn, (3, 8, 8), 3),
 ]
 
 
@@ -59,17 +79,28 @@ def _closed_form_jacobian(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor
 
 @pytest.fixture(params=CASES, ids=[c[0] for c in CASES])
 def case(request: pytest.FixtureRequest) -> tuple[nn.Module, torch.Tensor]:
-    _, cfg, shape, k = request.param
-    model = build_model(cfg, shape, k).eval()
-    for p in model.parameters():  # non-zero biases, so the active pattern varies over points
-        nn.init.normal_(p, std=0.5)
+    _, spec, shape, k = request.param
+    model = (build_model(spec, shape, k) if isinstance(spec, ModelConfig) else spec(k)).eval()
+    gen = torch.Generator().manual_seed(2)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            # eval mode uses the running statistics: make them (and the affine part) non-trivial
+            module.running_mean.normal_(0.0, 0.5, generator=gen)
+            module.running_var.uniform_(0.5, 2.0, generator=gen)
+            module.weight.data.uniform_(0.5, 1.5, generator=gen)
+            module.bias.data.normal_(0.0, 0.5, generator=gen)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            for p in module.parameters():  # non-zero biases, so the active pattern varies over points
+                p.data.normal_(0.0, 0.5, generator=gen)
     x = torch.randn((9, *shape), generator=torch.Generator().manual_seed(0))
     return model, x
 
 
 @pytest.mark.parametrize("jacobian", [False, True], ids=["grad", "jacobian"])
-@pytest.mark.parametrize("chunk", [4, 4096])
-def test_batched_equals_per_point_autograd(case: tuple[nn.Module, torch.Tensor], jacobian: bool, chunk: int) -> None:
+@pytest.mark.parametrize("chunk", [4, None], ids=["chunk4", "auto"])
+def test_batched_equals_per_point_autograd(
+    case: tuple[nn.Module, torch.Tensor], jacobian: bool, chunk: int | None
+) -> None:
     model, x = case
     got = lipschitz.input_gradient_norms(model, x, jacobian=jacobian, chunk=chunk).numpy()
     np.testing.assert_allclose(got, _brute(model, x, jacobian), rtol=RTOL, atol=ATOL)
@@ -88,6 +119,39 @@ def test_mlp_closed_form_active_pattern() -> None:
     np.testing.assert_allclose(lipschitz.input_gradient_norms(model, x).numpy(), grad_norm, rtol=RTOL, atol=ATOL)
     got = lipschitz.input_gradient_norms(model, x, jacobian=True).numpy()
     np.testing.assert_allclose(got, spectral, rtol=RTOL, atol=ATOL)
+
+
+def test_batching_does_not_mix_points() -> None:
+    """A chunk of 7 gives each point the value it gets alone (eval mode: BatchNorm uses running statistics)."""
+    model = _batchnorm_cnn(4).eval()
+    x = torch.randn(7, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    for jacobian in (False, True):
+        together = lipschitz.input_gradient_norms(model, x, jacobian=jacobian)
+        alone = torch.cat([lipschitz.input_gradient_norms(model, x[i : i + 1], jacobian=jacobian) for i in range(7)])
+        torch.testing.assert_close(together, alone, rtol=RTOL, atol=ATOL)
+
+
+def test_spectral_norm_both_shapes() -> None:
+    jac = torch.randn(5, 3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    want = torch.linalg.matrix_norm(jac, ord=2)
+    torch.testing.assert_close(lipschitz.spectral_norm(jac), want)
+    torch.testing.assert_close(lipschitz.spectral_norm(jac.transpose(1, 2)), want)  # K > D: the D x D Gram
+
+
+def test_empty_and_auto_chunk() -> None:
+    model = build_model(ModelConfig(arch="cnn", hidden=(8,), channels=2), (1, 8, 8), 3).eval()
+    assert lipschitz.input_gradient_norms(model, torch.zeros(0, 1, 8, 8)).shape == (0,)
+    assert lipschitz.auto_chunk(torch.zeros(0, 1, 28, 28)) == lipschitz.CHUNK_ELEMENTS["cpu"] // 784
+    assert lipschitz.auto_chunk(torch.zeros(3, 10)) == lipschitz.CHUNK_ELEMENTS["cpu"] // 10
+
+
+def test_groups_of() -> None:
+    assert lipschitz.groups_of("all") == ("train", "test", "far-gaussian", "far-midpoint")
+    assert lipschitz.groups_of(["far", "train"]) == ("train", "far-gaussian", "far-midpoint")
+    assert lipschitz.groups_of({"far-midpoint", "test"}) == ("test", "far-midpoint")
+    for bad in ("nowhere", ["train", "near"], []):
+        with pytest.raises(AnalysisInputError, match="where must be one of"):
+            lipschitz.groups_of(bad)
 
 
 def test_quantiles_equal_numpy() -> None:
@@ -175,6 +239,24 @@ def test_run_columns_and_rows(store: Path) -> None:
     far = lipschitz.run(reader, "far", quantiles=(0.5,), device="cpu")
     assert list(far.columns) == ["step", "epoch", "replicate", "where", "q50", "mean", "n"]
     assert set(far["where"]) == {"far-gaussian", "far-midpoint"}
+
+
+def test_run_computes_only_the_requested_sets(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reader = StoreReader(store)
+    sizes: list[int] = []
+    norms = lipschitz.input_gradient_norms
+
+    def counting(model: nn.Module, x: torch.Tensor, **kw: object) -> torch.Tensor:
+        sizes.append(len(x))
+        return norms(model, x, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lipschitz, "input_gradient_norms", counting)
+    df = lipschitz.run(reader, ("train", "far"), quantiles=(0.5,), device="cpu")
+    assert list(df["where"].iloc[:3]) == ["train", "far-gaussian", "far-midpoint"]
+    assert len(df) == len(sizes) == len(reader.array("params/step")) * 2 * 3
+    assert 30 not in sizes  # the 30 test points are never evaluated
+    whole = lipschitz.run(reader, "all", quantiles=(0.5,), device="cpu")
+    pd.testing.assert_frame_equal(df, whole[whole["where"] != "test"].reset_index(drop=True))
 
 
 @pytest.mark.parametrize("jacobian", [False, True], ids=["grad", "jacobian"])

@@ -10,9 +10,14 @@ from the stored config and loaded with that row, in eval mode) and each point x 
     L(x) = ||d f_c(x) / d x||_2,  c = argmax_k f_k(x)   several outputs: the predicted-class logit
     L(x) = ||J_f(x)||_2  (largest singular value of the [K, D] input Jacobian)   with `jacobian=True`
 
-Batching. The network sees a chunk of points at once; in eval mode the points do not interact, so the
-gradient of sum_i f_c(x_i) with respect to the chunk holds every per-point gradient: one backward per
-chunk (one per output unit for the full Jacobian) instead of one per point.
+Batching. The network sees a chunk of points at once; in eval mode the points do not interact (BatchNorm
+uses its running statistics), so the gradient of sum_i f_{c_i}(x_i) with respect to the chunk holds every
+per-point gradient: one ordinary backward per chunk instead of one per point, no vmap. The full Jacobian
+takes one backward of sum_i f_k(x_i) per output k (K backwards per chunk), and its spectral norm comes
+from the K x K Gram matrix. How much this gains over a per-point loop depends on the network: a
+per-point loop costs a fixed ~0.1-0.2 ms of Python and dispatch per point on CPU, which dominates a
+small MLP (50k multiply-adds per point) but not the 2-block cnn on 28x28 (670k per point forward, about
+as many backward), where the batched version is bound by the same arithmetic (benchmarks/lipschitz.py).
 
 Points (`where`), per replicate m, the same for every snapshot:
 
@@ -23,7 +28,8 @@ Points (`where`), per replicate m, the same for every snapshot:
 - `far-midpoint`: midpoints (x_i + x_j) / 2 of n random training pairs i != j.
   Both far sets have as many points as the training set; seeded by FAR_SEED and the replicate number.
 
-Output: one row per (step, replicate, where); `where="far"` gives both far rows, `all` every row.
+Output: one row per (step, replicate, where); `where="far"` gives both far rows, `all` every row, and a
+collection such as `("train", "far")` the union of its sets (only those are computed).
 Quantiles are `np.quantile` (linear interpolation) of the per-point values; a quantile q is named
 `q{100 q:g}` (0.1 -> q10, 0.25 -> q25), except 1.0 -> `max` and 0.0 -> `min`.
 """
@@ -31,7 +37,8 @@ Quantiles are `np.quantile` (linear interpolation) of the per-point values; a qu
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -55,7 +62,12 @@ GROUPS = {
 }
 FAR_SCALE = 3.0
 FAR_SEED = 0
-CHUNK = 2048  # points per backward: bounds activation memory (the 2-block cnn on 28x28 needs ~0.5 GB)
+# points per backward on CPU: ~2^17 input numbers (167 28x28 images, 13107 10-d vectors), so a conv
+# net's activations stay near the cache (2048 28x28 images made every 16-channel activation 100 MB and
+# the batched cnn no faster than a per-point loop) while an MLP still gets large matrix products; a GPU
+# has no such cache cliff and wants large launches: 2^22 (5350 28x28 images, ~0.3 GB per cnn activation)
+CHUNK_ELEMENTS = {"cpu": 2**17, "cuda": 2**22}
+MAX_CHUNK = 16384
 MISSING = ("parameter snapshots", "record.params.every_epochs")
 
 
@@ -72,8 +84,27 @@ def quantile_columns(quantiles: Sequence[float]) -> list[str]:
     return names
 
 
+def spectral_norm(jac: torch.Tensor) -> torch.Tensor:
+    """Largest singular value of each matrix in `jac: [B, K, D]` -> `[B]`.
+
+    sigma_max(J) = sqrt(lambda_max(J J^T)) on the small side's Gram matrix ([B, K, K] when K <= D):
+    an eigendecomposition of a 10x10 matrix instead of an SVD of a 10x784 one (about 15x faster on CPU;
+    the SVD took ~15% of the cnn's Jacobian time).
+    The largest eigenvalue of a Gram matrix is perfectly conditioned, so squaring loses no accuracy
+    for sigma_max (it would for the smallest one); float64 for the small eigenproblem all the same.
+    """
+    gram = jac @ jac.transpose(1, 2) if jac.shape[1] <= jac.shape[2] else jac.transpose(1, 2) @ jac
+    return torch.linalg.eigvalsh(gram.double())[:, -1].clamp_min(0.0).sqrt().to(jac.dtype)
+
+
+def auto_chunk(x: torch.Tensor) -> int:
+    """Points per forward/backward: about CHUNK_ELEMENTS[x's device type] input numbers, at most MAX_CHUNK."""
+    budget = CHUNK_ELEMENTS.get(x.device.type, CHUNK_ELEMENTS["cpu"])
+    return max(1, min(MAX_CHUNK, budget // max(1, math.prod(x.shape[1:]))))
+
+
 def input_gradient_norms(
-    model: nn.Module, x: torch.Tensor, *, jacobian: bool = False, chunk: int = CHUNK
+    model: nn.Module, x: torch.Tensor, *, jacobian: bool = False, chunk: int | None = None
 ) -> torch.Tensor:
     """Local Lipschitz constant of `model` at each point (see the module docstring).
 
@@ -81,22 +112,28 @@ def input_gradient_norms(
         model: maps `[B, *input_shape] -> [B, K]` (or `[B]`); put it in eval mode first, so points are independent.
         x: `[N, *input_shape]` points, on the model's device and dtype.
         jacobian: spectral norm of the full `[K, D]` input Jacobian instead of the selected output's gradient.
-        chunk: points per forward/backward.
+        chunk: points per forward/backward; None: `auto_chunk(x)`.
 
     Returns:
         `[N]` values, on x's device.
     """
+    chunk = chunk or auto_chunk(x)
+    # channels_last images on CPU: oneDNN's NHWC convolutions and max-pools ran the 2-block cnn about
+    # 1.5x faster than NCHW ones (measured on CPU only, so GPUs keep NCHW); a conv follows its input's
+    # format, so the model's weights stay as they are
+    layout = torch.channels_last if x.dim() == 4 and x.device.type == "cpu" else torch.contiguous_format
     out = []
     for start in range(0, len(x), chunk):
-        xb = x[start : start + chunk].detach().requires_grad_(True)
+        xb = x[start : start + chunk].detach().contiguous(memory_format=layout).requires_grad_(True)
         with torch.enable_grad():
             f = model(xb).reshape(len(xb), -1)  # [B, K]
             if jacobian and f.shape[1] > 1:
+                # row k of every point's Jacobian: one backward of sum_i f_k(x_i) (points are independent)
                 rows = [
                     torch.autograd.grad(f[:, k].sum(), xb, retain_graph=k + 1 < f.shape[1])[0].flatten(1)
                     for k in range(f.shape[1])
                 ]
-                out.append(torch.linalg.matrix_norm(torch.stack(rows, dim=1), ord=2))  # [B, K, D] -> [B]
+                out.append(spectral_norm(torch.stack(rows, dim=1)))  # [B, K, D] -> [B]
                 continue
             selected = f[:, 0] if f.shape[1] == 1 else f.gather(1, f.argmax(1, keepdim=True))[:, 0]
             (grad,) = torch.autograd.grad(selected.sum(), xb)
@@ -168,6 +205,20 @@ def compute(
     return pd.DataFrame(rows, columns=columns).astype({c: types.get(c, "float64") for c in columns})
 
 
+def groups_of(where: str | Collection[str]) -> tuple[str, ...]:
+    """Point sets to compute for `where`: a name of WHERE or a set label, or a collection of them (GROUPS order)."""
+    names = [where] if isinstance(where, str) else list(where)
+    known = (*WHERE, *GROUPS["all"][2:])
+    bad = [w for w in names if w not in known]
+    if bad or not names:
+        shown = bad[0] if bad else where
+        raise AnalysisInputError(
+            f"lipschitz: where must be one of {', '.join(known)} or a collection of them, not {shown!r}"
+        )
+    wanted = {g for w in names for g in GROUPS.get(w, (w,))}
+    return tuple(g for g in GROUPS["all"] if g in wanted)
+
+
 # -- the store side -------------------------------------------------------------------------------
 def _model(reader: StoreReader) -> nn.Module:
     """The run's network, freshly built from the stored config (parameters replaced per snapshot)."""
@@ -215,7 +266,7 @@ def _points(reader: StoreReader, groups: Sequence[str]) -> list[dict[str, np.nda
 
 def run(
     reader: StoreReader,
-    where: str = "all",
+    where: str | Collection[str] = "all",
     quantiles: Sequence[float] = (0.1, 0.5, 0.9, 1.0),
     jacobian: bool = False,
     device: str | None = None,
@@ -224,7 +275,8 @@ def run(
 
     Args:
         reader: an opened store with parameter snapshots of every tensor (`record.params`).
-        where: train | test | far | all; see the module docstring for the points.
+        where: train | test | far | all (or one far set: far-gaussian | far-midpoint), or a collection of
+            them: only those point sets are computed; see the module docstring for the points.
         quantiles: levels in [0, 1], one column each (0.1 -> q10, 1.0 -> max).
         jacobian: spectral norm of the input Jacobian instead of the predicted-class logit's gradient.
         device: torch device; cuda when available, else cpu.
@@ -237,8 +289,7 @@ def run(
         MissingStreamError: the run recorded no parameter snapshots.
         AnalysisInputError: unknown `where`, a quantile outside [0, 1], or snapshots of only some tensors.
     """
-    if where not in WHERE:
-        raise AnalysisInputError(f"lipschitz: where must be one of {', '.join(WHERE)}, not {where!r}")
+    groups = groups_of(where)
     quantile_columns(quantiles)  # fail on bad levels before the slow part
     reader.require("params", *MISSING)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -247,7 +298,7 @@ def run(
     steps = reader.array("params/step")
     rows = len(steps)  # read once: a live run may commit more rows while this runs
     epochs = epochs_of(reader, steps)
-    points = [{w: torch.from_numpy(x).to(dev) for w, x in p.items()} for p in _points(reader, GROUPS[where])]
+    points = [{w: torch.from_numpy(x).to(dev) for w, x in p.items()} for p in _points(reader, groups)]
     tensors = {n: reader.lazy(f"params/{n}") for n, _ in model.named_parameters()}
     frames = []
     for g in range(rows):
