@@ -110,3 +110,11 @@ def test_without_distributed_is_one_line_exit_2(store: Path, monkeypatch: pytest
     result = CliRunner().invoke(app, ["analyze", "mi", str(store), "--dask", "local"])
     assert result.exit_code == 2
     assert "pip install 'gentrace[dask]'" in result.output
+
+
+def test_scattered_reference_gives_the_same_table(store: Path, client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dask_backend, "SCATTER_BYTES", 1)  # every array argument goes to the workers once
+    reader = StoreReader(store)
+    here = pd.concat(list(chunks.local(mi.plan(reader))), ignore_index=True)
+    there = pd.concat(list(dask_backend.frames(mi.plan(reader, parts=PARTS), client)), ignore_index=True)
+    pd.testing.assert_frame_equal(there, here, check_exact=True)

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from gentrace.analyses.plan import Plan, Task
@@ -30,6 +31,7 @@ from gentrace.errors import ConfigError
 LOCAL = "local"
 CONNECT_TIMEOUT_S = 10
 WINDOW = 4  # tasks in flight per worker thread
+SCATTER_BYTES = 2**16
 
 
 @contextmanager
@@ -73,9 +75,22 @@ def parts(client: Any) -> int:
     return 2 * threads(client)
 
 
-def _materialize(task: Task) -> list[pd.DataFrame]:
-    """Run one task on a worker; its frames travel back as a list."""
-    return list(task())
+def _materialize(fn: Any, *args: Any) -> list[pd.DataFrame]:
+    """Run one task on a worker (its scattered arguments already resolved); its frames travel back as a list."""
+    return list(Task(fn, args)())
+
+
+def _submit(client: Any, task: Task, scattered: dict[int, Any]) -> Any:
+    """Submit a task; a large array argument (mi's reference predictions) is sent to the workers once, not per task."""
+    args = []
+    for arg in task.args:
+        if isinstance(arg, np.ndarray) and arg.nbytes >= SCATTER_BYTES:
+            if id(arg) not in scattered:
+                scattered[id(arg)] = (arg, client.scatter(arg, broadcast=True))  # keeps arg alive: ids stay unique
+            args.append(scattered[id(arg)][1])
+        else:
+            args.append(arg)
+    return client.submit(_materialize, task.fn, *args, pure=False)
 
 
 def frames(plan: Plan, client: Any) -> Iterator[pd.DataFrame]:
@@ -88,8 +103,9 @@ def _gathered(plan: Plan, client: Any) -> Iterator[pd.DataFrame]:
     window = WINDOW * threads(client)
     pending = iter(plan.tasks)
     in_flight: deque[Any] = deque()
+    scattered: dict[int, Any] = {}
     for task in pending:
-        in_flight.append(client.submit(_materialize, task, pure=False))
+        in_flight.append(_submit(client, task, scattered))
         if len(in_flight) >= window:
             break
     while in_flight:
@@ -98,5 +114,5 @@ def _gathered(plan: Plan, client: Any) -> Iterator[pd.DataFrame]:
         future.release()
         nxt = next(pending, None)
         if nxt is not None:
-            in_flight.append(client.submit(_materialize, nxt, pure=False))
+            in_flight.append(_submit(client, nxt, scattered))
         yield from result
