@@ -3,6 +3,9 @@
 Each module exposes `compute(arrays...) -> DataFrame` (pure NumPy in, pandas out) and
 `run(reader, **options) -> DataFrame` (reads an opened store lazily). `ANALYSES` maps the name
 used by `gentrace analyze NAME` to its `run`. Analyses never import `record` or `train`.
+Analyses read the store in chunks (a row block at a time); gsnr, paths and mi also expose
+`plan(reader, ...)`, their chunk tasks, which `plan.local` runs here and `dask_backend` on a
+dask.distributed cluster (`--dask`).
 """
 
 from __future__ import annotations
