@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -64,7 +65,9 @@ def record(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a model and stream its training dynamics into a Zarr store."""
-    quiet = quiet or torchrun_worker()  # under torchrun rank 0 alone shows progress and the store path
+    if torchrun_worker():  # under torchrun rank 0 alone shows progress, warnings and the store path
+        quiet = True
+        warnings.simplefilter("ignore")
     overrides = list(set_ or [])
     if resume and config is None and overrides:
         raise config_mod.ConfigError("--resume continues the stored config; --set cannot change it")
@@ -78,7 +81,7 @@ def record(
     from gentrace.schedules import timeline
 
     shown = cfg
-    if shown is None and out is not None and resume:
+    if shown is None and out is not None and resume and not quiet:
         shown = config_mod.from_dict(StoreReader(out).config)
     observers: list[Any] = []
     progress = None

@@ -5,6 +5,11 @@ prefixes, the store path) is checked before the store is created, so bad input n
 a half-written store behind. Faults during training end with a status in the store (SPEC
 section 7): `diverged` (NaN loss), `interrupted` (SIGINT), `failed` (anything else); a SIGKILL
 leaves `running` with no live writer, which readers report as `killed`.
+
+Under torchrun (several processes, DistributedDataParallel; gentrace.distributed) every rank
+builds the same data and models and trains its piece of each batch; rank 0 alone creates, opens and
+writes the store, and a failure there stops every rank before training starts. `--resume` works
+under torchrun too, with any number of processes (a run does not depend on how many recorded it).
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import copy
 import dataclasses
 import datetime as dt
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +28,7 @@ import torch
 from gentrace import __version__
 from gentrace.config import RunConfig, from_dict, to_dict
 from gentrace.data import Dataset, build_data
+from gentrace.distributed import Dist, PeerFailed, check_config, session
 from gentrace.errors import ConfigError, StoreError, TrainingDiverged
 from gentrace.losses import output_dim, resolve_loss
 from gentrace.models import apply_freeze, build_model
@@ -31,6 +38,8 @@ from gentrace.store import schema
 from gentrace.store.reader import StoreReader
 from gentrace.store.writer import StoreWriter, create_store, open_for_resume
 from gentrace.train import StepObserver, Trainer
+
+T = TypeVar("T")
 
 
 class Interrupted(Exception):
@@ -75,8 +84,9 @@ def _to_device(data: Dataset, device: torch.device) -> Dataset:
     )
 
 
-def prepare(cfg: RunConfig, device: torch.device) -> tuple[Trainer, Recorder, Dataset]:
+def prepare(cfg: RunConfig, device: torch.device, dist: Dist | None = None) -> tuple[Trainer, Recorder, Dataset]:
     """Build data, models, trainer and recorder; raises on any bad input before a store exists."""
+    dist = dist or Dist()
     data = build_data(cfg.data, cfg.train.replicates)
     loss = resolve_loss(cfg.train.loss, data.num_classes)
     if loss == "bce" and data.num_classes != 2:
@@ -85,10 +95,12 @@ def prepare(cfg: RunConfig, device: torch.device) -> tuple[Trainer, Recorder, Da
     apply_freeze(model, cfg.model.freeze)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("model.freeze freezes every parameter; nothing would train")
+    if dist.world > 1:
+        model = check_config(cfg, model, device)
     models = [copy.deepcopy(model).to(device) for _ in range(cfg.train.replicates)]
     on_device = _to_device(data, device)
-    trainer = Trainer(cfg, on_device, models)
-    ctx = RunContext(cfg, on_device, models, trainer.loss, trainer.timeline, device, trainer.checkpoint)
+    trainer = Trainer(cfg, on_device, models, dist)
+    ctx = RunContext(cfg, on_device, models, trainer.loss, trainer.timeline, device, trainer.checkpoint, dist)
     recorder = Recorder(ctx)
     ctx.checkpoint = lambda: trainer.checkpoint(extra={"probes": recorder.state()})
     return trainer, recorder, data
@@ -102,6 +114,7 @@ def _attrs(cfg: RunConfig, trainer: Trainer, data: Dataset, device: torch.device
         "cuda_version": torch.version.cuda,
         "python_version": platform.python_version(),
         "device": str(device),
+        "processes": trainer.dist.world,  # torchrun ranks that recorded the run (1 = a single process)
         "loss": trainer.loss,
         "num_classes": data.num_classes,
         "input_shape": list(data.input_shape),
@@ -129,30 +142,88 @@ def record(
     """Record a run into `out` (or continue the run stored there with `resume`); returns the store path."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; choose one")
-    dev = resolve_device(device)
-    if resume:
-        if out is None:
-            raise ConfigError("--resume needs --out STORE: the store to continue")
-        return _resume(cfg, out, dev, observers)
-    assert cfg is not None
-    path = out if out is not None else default_store_path(cfg)
-    if path.exists() and not overwrite:
-        raise StoreError(f"{path} already exists; pass --overwrite to replace it or --resume to continue it")
-    trainer, recorder, data = prepare(cfg, dev)
-    static = {**_static(data), **recorder.static()}
-    writer = create_store(path, _attrs(cfg, trainer, data, dev), recorder.streams(), static, overwrite=overwrite)
-    _train(trainer, recorder, writer, observers)
+    with session(device) as (dist, dist_device):
+        dev = dist_device or resolve_device(device)
+        if resume:
+            if out is None:
+                raise ConfigError("--resume needs --out STORE: the store to continue")
+            return _resume(cfg, out, dev, observers, dist)
+        assert cfg is not None
+        path = Path(str(dist.broadcast(out if out is not None else default_store_path(cfg))))  # rank 0's timestamp
+        _on_main(dist, dev, lambda: _check_new(path, overwrite))
+        trainer, recorder, data = prepare(cfg, dev, dist)
+        static = {**_static(data), **recorder.static()}
+        attrs = _attrs(cfg, trainer, data, dev)
+        writer = _on_main(dist, dev, lambda: create_store(path, attrs, recorder.streams(), static, overwrite=overwrite))
+        _train(trainer, recorder, writer, path, observers)
     return path
 
 
-def _resume(cfg: RunConfig | None, path: Path, dev: torch.device, observers: Sequence[StepObserver]) -> Path:
+def _check_new(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise StoreError(f"{path} already exists; pass --overwrite to replace it or --resume to continue it")
+
+
+def _on_main(dist: Dist, device: torch.device, fn: Callable[[], T]) -> T | None:
+    """Run `fn` on rank 0 alone (the store's only writer); if it fails there, every rank stops.
+
+    Returns fn's result on rank 0 and None on the other ranks (and always fn's result in a single process).
+    """
+    result, error = None, None
+    if dist.is_main:
+        try:
+            result = fn()
+        except BaseException as exc:
+            error = exc
+    if dist.any(error is not None, device):
+        if error is not None:
+            raise error
+        raise PeerFailed("rank 0 could not open the store; it reported why")
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _ResumePoint:
+    """What every rank needs to continue a store: its config, the checkpoint and the rows kept."""
+
+    cfg: RunConfig
+    step: int  # of the checkpoint resumed from
+    keep: dict[str, int]  # stream -> rows at or before `step`
+    checkpoint: bytes
+
+
+def _resume(
+    cfg: RunConfig | None, path: Path, dev: torch.device, observers: Sequence[StepObserver], dist: Dist
+) -> Path:
+    # Rank 0 alone reads the store and hands the others what they need: under torchrun --nnodes the
+    # store need not be on a file system that every node sees.
+    point = dist.broadcast(_on_main(dist, dev, lambda: _resume_point(cfg, path)))
+    if point is None:  # the run is complete
+        return path
+    assert isinstance(point, _ResumePoint)
+    trainer, recorder, _ = prepare(point.cfg, dev, dist)
+    writer = _on_main(dist, dev, lambda: _reopen(path, point.keep, recorder, point.step))
+    try:
+        extra = trainer.restore(point.checkpoint)
+        recorder.load_state(extra.get("probes", {}))
+    except BaseException:
+        if writer is not None:
+            writer.close_after_failure("failed")
+        raise
+    recorder.resume(point.keep)
+    _train(trainer, recorder, writer, path, observers)
+    return path
+
+
+def _resume_point(cfg: RunConfig | None, path: Path) -> _ResumePoint | None:
+    """The last committed checkpoint of the store at `path` (None when the run is complete); raises on bad input."""
     reader = StoreReader(path)
     stored = from_dict(reader.config)
     if cfg is not None and to_dict(cfg) != to_dict(stored):
         changed = _first_difference(to_dict(cfg), to_dict(stored))
         raise ConfigError(f"--resume: the config differs from the store's at {changed}; resume without a CONFIG")
     if reader.attrs.get("status") == "complete":
-        return path
+        return None
     if stored.record.params.every_epochs == 0:
         raise StoreError(
             f"{path} records no parameter snapshots (record.params.every_epochs = 0), so it cannot be "
@@ -162,30 +233,37 @@ def _resume(cfg: RunConfig | None, path: Path, dev: torch.device, observers: Seq
         raise StoreError(
             f"{path} was stopped before its first parameter snapshot was committed; record it again with --overwrite"
         )
-    trainer, recorder, _ = prepare(stored, dev)
+    committed_steps = set(reader.array("params/step").tolist())
+    usable = [s for s in reader.checkpoint_steps() if s in committed_steps]
+    if not usable:
+        raise StoreError(f"{path} has no committed checkpoint to resume from; record it again with --overwrite")
+    last = usable[-1]
+    keep = {s: int((reader.array(f"{s}/step") <= last).sum()) for s in reader.streams()}
+    return _ResumePoint(stored, last, keep, reader.checkpoint(last))
+
+
+def _reopen(path: Path, keep: dict[str, int], recorder: Recorder, last: int) -> StoreWriter:
+    """Lock the store, cut every stream back to the rows at or before checkpoint `last`, drop later checkpoints."""
     writer = open_for_resume(path)
     try:
-        committed_steps = set(reader.array("params/step").tolist())
-        usable = [s for s in reader.checkpoint_steps() if s in committed_steps]
-        if not usable:
-            raise StoreError(f"{path} has no committed checkpoint to resume from; record it again with --overwrite")
-        last = usable[-1]
-        keep = {s: int((reader.array(f"{s}/step") <= last).sum()) for s in reader.streams()}
         for stream, rows in keep.items():
             writer.truncate(stream, rows)
         writer.declare(recorder.streams())
         writer.prune_checkpoints(keep_step=last)
-        extra = trainer.restore(reader.checkpoint(last))
-        recorder.load_state(extra.get("probes", {}))
     except BaseException:
         writer.close_after_failure("failed")
         raise
-    recorder.resume(keep)
-    _train(trainer, recorder, writer, observers)
-    return path
+    return writer
 
 
-def _train(trainer: Trainer, recorder: Recorder, writer: StoreWriter, observers: Sequence[StepObserver]) -> None:
+def _train(
+    trainer: Trainer,
+    recorder: Recorder,
+    writer: StoreWriter | None,
+    path: Path,
+    observers: Sequence[StepObserver],
+) -> None:
+    """Train with `writer` taking the rows (None: a torchrun rank other than 0, whose rows are dropped)."""
     recorder.attach(writer)
     try:
         with recorder:
@@ -194,18 +272,22 @@ def _train(trainer: Trainer, recorder: Recorder, writer: StoreWriter, observers:
         try:
             recorder.flush()
         finally:
-            writer.close_after_failure("interrupted")
-        raise Interrupted(writer.path) from None
+            if writer is not None:
+                writer.close_after_failure("interrupted")
+        raise Interrupted(path) from None
     except TrainingDiverged:
         try:
             recorder.flush()  # the loss history up to the divergence is what a user looks at
         finally:
-            writer.close_after_failure("diverged")
+            if writer is not None:
+                writer.close_after_failure("diverged")
         raise
     except BaseException:
-        writer.close_after_failure("failed")
+        if writer is not None:
+            writer.close_after_failure("failed")
         raise
-    writer.close("complete")
+    if writer is not None:
+        writer.close("complete")
 
 
 def _first_difference(a: dict[str, object], b: dict[str, object], prefix: str = "") -> str:

@@ -7,6 +7,12 @@ which saves M-1 backward launches and optimizer calls per step. Data order comes
 per (model.seed, replicate, epoch), and the torch RNG (dropout) is saved in every checkpoint,
 so a run resumed from a checkpoint reaches the same parameters as one never interrupted.
 
+Under torchrun (`dist.world` > 1) the replicates are wrapped in one DistributedDataParallel
+module and each step's batch is the single-process batch cut into contiguous pieces, one per rank
+(gentrace.distributed); each rank backpropagates its piece's summed loss times world / B, so the
+averaged gradient is the whole batch's mean gradient, and the step's loss and error are summed over
+the ranks, so every rank sees the same numbers (and stops together on a NaN).
+
 The loop calls the recorder at defined points and contains no storage code.
 """
 
@@ -22,6 +28,7 @@ from torch import nn
 
 from gentrace.config import RunConfig
 from gentrace.data import Dataset
+from gentrace.distributed import Dist
 from gentrace.errors import TrainingDiverged
 from gentrace.losses import LossName, per_sample_loss, resolve_loss, sample_error
 from gentrace.record.base import StepInfo
@@ -36,13 +43,26 @@ class StepObserver(Protocol):
         """Called after every optimizer step."""
 
 
+class Replicas(nn.Module):
+    """The M replicate models as one module (what DDP wraps): x [M, B, ...] -> M outputs [B, out]."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Replicate m sees x[m]."""
+        return [model(x[m]) for m, model in enumerate(self.models)]
+
+
 class Trainer:
     """Owns the replicate models, their optimizer and the step counter."""
 
-    def __init__(self, cfg: RunConfig, data: Dataset, models: Sequence[nn.Module]) -> None:
+    def __init__(self, cfg: RunConfig, data: Dataset, models: Sequence[nn.Module], dist: Dist | None = None) -> None:
         self.cfg = cfg
         self.data = data
         self.models = list(models)
+        self.dist = dist or Dist()
         self.loss: LossName = resolve_loss(cfg.train.loss, data.num_classes)
         self.timeline: Timeline = timeline(cfg.data.n_train, cfg.train.batch_size, cfg.train.epochs)
         n = cfg.data.n_train
@@ -57,7 +77,10 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.restored = False
-        torch.manual_seed(cfg.model.seed)
+        if self.dist.world == 1:
+            torch.manual_seed(cfg.model.seed)
+        else:  # dropout masks: each rank draws its own, as one process would for its piece of the batch
+            torch.manual_seed(int(np.random.SeedSequence([cfg.model.seed, self.dist.rank]).generate_state(1)[0]))
 
     def lr_at(self, epoch: int) -> float:
         """Step decay: lr * factor^(epoch // every_epochs)."""
@@ -101,10 +124,20 @@ class Trainer:
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        if self.dist.world > 1:  # the checkpoint holds rank 0's RNG; every rank draws its own dropout masks
+            seed = np.random.SeedSequence([self.cfg.model.seed, self.dist.rank, self.step]).generate_state(1)[0]
+            torch.manual_seed(int(seed))
         self.restored = True
         return dict(state.get("extra", {}))
 
     # -- the loop -------------------------------------------------------------------------------
+    def _ddp(self) -> nn.Module:
+        """The replicates wrapped in DistributedDataParallel (every rank holds the same parameters already)."""
+        device = self.data.x_train.device
+        return nn.parallel.DistributedDataParallel(
+            Replicas(self.models), device_ids=[device] if device.type == "cuda" else None
+        )
+
     def run(self, recorder: Recorder, observers: Sequence[StepObserver] = ()) -> None:
         """Train from the current step to the end, recording as configured."""
         if not self.restored:
@@ -114,6 +147,8 @@ class Trainer:
         rows = torch.arange(len(self.models), device=x.device)[:, None]
         for model in self.models:
             model.train()
+        world = self.dist.world
+        forward = self._ddp() if world > 1 else None
         for epoch in range(self.epoch, self.timeline.epochs):
             lr = self.lr_at(epoch)
             for group in self.optimizer.param_groups:
@@ -121,27 +156,41 @@ class Trainer:
             order = self.order(epoch)
             for start in range(0, self.cfg.data.n_train, self.batch):
                 idx = order[:, start : start + self.batch]
+                size = idx.shape[1]  # the whole batch, over every rank
+                if world > 1:
+                    idx = idx[:, self.dist.shard(size)]
                 xb, yb = x[rows, idx], y[rows, idx]
                 if recorder.wants_input_grad(self.step + 1):
                     xb.requires_grad_(True)  # a fresh leaf (advanced indexing copies): dL/dx comes free
-                outs = [model(xb[m]) for m, model in enumerate(self.models)]
-                losses = torch.stack([loss_fn(out, yb[m]).mean() for m, out in enumerate(outs)])
                 self.optimizer.zero_grad(set_to_none=True)
-                recorder.before_backward(self.step + 1, xb, outs)
-                losses.sum().backward()
+                if forward is None:
+                    outs = [model(xb[m]) for m, model in enumerate(self.models)]
+                    losses = torch.stack([loss_fn(out, yb[m]).mean() for m, out in enumerate(outs)])
+                    recorder.before_backward(self.step + 1, xb, outs)
+                    losses.sum().backward()
+                else:
+                    outs = forward(xb)
+                    per_sample = torch.stack([loss_fn(out, yb[m]) for m, out in enumerate(outs)])  # [M, b]
+                    recorder.before_backward(self.step + 1, xb, outs, sample_weight=world / size)
+                    (per_sample.sum() * (world / size)).backward()  # DDP averages: the mean over the batch
                 recorder.after_backward(self.step + 1, xb, outs, yb)
                 self.optimizer.step()
                 self.step += 1
                 with torch.no_grad():
-                    errors = torch.stack([sample_error(out, yb[m], self.loss).mean() for m, out in enumerate(outs)])
-                    summary = torch.stack([losses.detach(), errors]).cpu().numpy()
+                    if forward is None:
+                        errors = torch.stack([sample_error(out, yb[m], self.loss).mean() for m, out in enumerate(outs)])
+                        summary = torch.stack([losses.detach(), errors]).cpu().numpy()
+                    else:
+                        errors = torch.stack([sample_error(out, yb[m], self.loss) for m, out in enumerate(outs)])
+                        sums = self.dist.all_reduce(torch.stack([per_sample.detach().sum(1), errors.sum(1)]))
+                        summary = (sums / size).cpu().numpy()
                 if not np.isfinite(summary[0]).all():
                     bad = int(np.flatnonzero(~np.isfinite(summary[0]))[0])
                     raise TrainingDiverged(
                         f"the loss became {summary[0][bad]} at step {self.step} (replicate {bad}); "
                         f"lower train.lr (now {lr:g})"
                     )
-                info = StepInfo(self.step, epoch, lr, summary[0], summary[1], idx.shape[1])
+                info = StepInfo(self.step, epoch, lr, summary[0], summary[1], size)
                 recorder.after_step(info)
                 for observer in observers:
                     observer.on_step(info)

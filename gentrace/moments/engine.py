@@ -33,6 +33,7 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.BatchNorm1d: lambda m, inputs, d, signs: batchnorm.moments(m, inputs, d),
     nn.BatchNorm2d: lambda m, inputs, d, signs: batchnorm.moments(m, inputs, d),
     nn.BatchNorm3d: lambda m, inputs, d, signs: batchnorm.moments(m, inputs, d),
+    nn.SyncBatchNorm: lambda m, inputs, d, signs: batchnorm.moments(m, inputs, d),  # multi-GPU runs
 }
 
 
@@ -63,6 +64,9 @@ class MomentsEngine:
         self.names = names
         self.signs = signs  # False: sums only (pos and neg stay 0), for measuring what the counts cost
         self.mean_loss = False
+        # mean_loss: what undoes the loss's per-sample weight; None = the batch length (a plain mean).
+        # Under torchrun a rank's piece of a batch of B carries world / B, so B / world (gentrace.distributed).
+        self.delta_scale: float | None = None
         self.active = False
         self.moments = Moments()
         self._inputs: dict[str, tuple[Any, ...]] = {}
@@ -117,7 +121,8 @@ class MomentsEngine:
     def _backward_hook(self, prefix: str, module: nn.Module) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             inputs = self._inputs.pop(prefix)
-            delta = grad.detach() * len(grad) if self.mean_loss else grad.detach()
+            scale = len(grad) if self.delta_scale is None else self.delta_scale
+            delta = grad.detach() * scale if self.mean_loss else grad.detach()
             # The fallback runs the module again (torch.func): its own forward hook must stay quiet.
             self.active = False
             try:

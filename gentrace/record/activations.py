@@ -8,7 +8,8 @@ random draws, so these are too) records, for every call site of an nn.ReLU modul
 a convolutional layer's units are all of its C x H x W positions). A module called several times
 per forward (torchvision's BasicBlock reuses one ReLU) gets one layer per call site,
 `layer1.0.relu@0`, `layer1.0.relu@1`. Only nn.ReLU modules are seen, not functional relu calls.
-Hooks exist only during that pass.
+Hooks exist only during that pass. Under torchrun each rank runs its contiguous piece of the probe
+set and rank 0 receives the rows in sample order (gentrace.distributed).
 """
 
 from __future__ import annotations
@@ -125,15 +126,16 @@ class ActivationsProbe(Probe):
 
             return record
 
-        model = self.ctx.models[0]
+        model, dist = self.ctx.models[0], self.ctx.dist
+        x = self.x[dist.shard(len(self.x))]
         was_training = model.training
         model.eval()
         handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n in modules]
         try:
             with torch.no_grad():
-                for lo in range(0, len(self.x), PROBE_BATCH):
+                for lo in range(0, len(x), PROBE_BATCH):
                     calls.clear()
-                    model(self.x[lo : lo + PROBE_BATCH])
+                    model(x[lo : lo + PROBE_BATCH])
         finally:
             for handle in handles:
                 handle.remove()
@@ -142,11 +144,18 @@ class ActivationsProbe(Probe):
             "acts/step": np.array([step], np.int64),
             "acts/epoch": np.array([epoch], np.int32),
         }
-        for site in self.sites:
-            row[f"acts/{site}/bits"] = torch.cat(bits[site]).cpu().numpy()[None]
+        for site, info in self.sites.items():
+            units = info["units"]
+            parts = {"bits": (bits[site], math.ceil(units / 8), torch.uint8)}
             if self.values:
-                row[f"acts/{site}/values"] = torch.cat(values[site]).cpu().numpy()[None]
-        yield RowBlock(self.name, self.take_row(self.name), row)
+                parts["values"] = (values[site], units, torch.float16)
+            for kind, (pieces, width, dtype) in parts.items():
+                local = torch.cat(pieces) if pieces else self.x.new_zeros((0, width), dtype=dtype)
+                whole = dist.gather(local, len(self.x))  # every rank's piece, in sample order
+                if dist.is_main:
+                    row[f"acts/{site}/{kind}"] = whole.cpu().numpy()[None]
+        if dist.is_main:
+            yield RowBlock(self.name, self.take_row(self.name), row)
 
 
 def activations_probe(ctx: RunContext) -> ActivationsProbe | None:

@@ -9,7 +9,7 @@ their own schedules. Probes hand the writer host NumPy arrays only.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gentrace.config import RunConfig
 from gentrace.data import Dataset
+from gentrace.distributed import Dist
 from gentrace.losses import LossName
 from gentrace.schedules import Timeline
 from gentrace.store.schema import StreamSpec
@@ -37,6 +38,10 @@ class RunContext:
         timeline: the step grid.
         device: where the models live.
         checkpoint: serializes model, optimizer, RNG and probe state (for resume) when called.
+        dist: this process's rank among the processes of a torchrun launch (Dist() when alone);
+            probes split their passes with it and combine the pieces (gentrace.distributed).
+        sample_weight: under torchrun, the weight world / B that each sample's loss carries in the
+            current training step's backward; None when alone (the backward is of the batch mean).
     """
 
     cfg: RunConfig
@@ -46,6 +51,8 @@ class RunContext:
     timeline: Timeline
     device: torch.device
     checkpoint: Callable[[], bytes]
+    dist: Dist = field(default_factory=Dist)
+    sample_weight: float | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Model outputs on whole splits at a step, computed once and shared by the metrics and preds probes."""
+"""Model outputs on whole splits at a step, computed once and shared by the metrics and preds probes.
+
+Under torchrun each rank computes the outputs of its contiguous piece of the split and every rank
+receives the whole [M, n_split, out] in sample order (gentrace.distributed).
+"""
 
 from __future__ import annotations
 
@@ -41,12 +45,14 @@ class Evaluator:
 
     @torch.no_grad()
     def _compute(self, split: str) -> torch.Tensor:
-        data = self.ctx.data
+        data, dist = self.ctx.data, self.ctx.dist
+        n = data.x_train.shape[1] if split == "train" else len(data.x_test)
         results = []
         for m, model in enumerate(self.ctx.models):
-            x = data.x_train[m] if split == "train" else data.x_test
+            x = (data.x_train[m] if split == "train" else data.x_test)[dist.shard(n)]
             was_training = model.training
             model.eval()
-            results.append(torch.cat([model(x[i : i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)]))
+            # range(0, max(len(x), 1)): a rank without samples still learns the output width from an empty batch
+            results.append(torch.cat([model(x[i : i + EVAL_BATCH]) for i in range(0, max(len(x), 1), EVAL_BATCH)]))
             model.train(was_training)
-        return torch.stack(results)
+        return dist.gather(torch.stack(results), n, dim=1)

@@ -12,6 +12,11 @@ sum_i g_iq, sum_i g_iq^2 and the sign counts over a sample set, from which every
   a row at step s covers the batches of steps (previous row, s], each at its own parameters.
 
 Frozen tensors (model.freeze) have no moments.
+
+Under torchrun each rank accumulates its own samples (its piece of the probe set, or its piece of
+each training batch) and a row is the all-reduced sum (gentrace.distributed). For train-batches the
+pieces are also summed into rank 0 at every parameter snapshot, so the partial accumulation a resume
+checkpoint saves is the whole run's, not rank 0's share.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ class GradMomentsProbe(Probe):
         self._seen = np.zeros(len(ctx.models), np.int64)
         self._loss_sum = np.zeros(len(ctx.models), np.float64)
         self._restored = False
+        self.dist = ctx.dist
+        # train-batches under torchrun: steps where rank 0 may write a checkpoint holding our partial sums
+        self.sync_steps = set(every_epochs(ctx.cfg.record.params.every_epochs, ctx.timeline))
 
     def streams(self) -> list[schema.StreamSpec]:
         """One `grad` stream with a row per recorded step."""
@@ -67,6 +75,13 @@ class GradMomentsProbe(Probe):
                 engine.begin(mean_loss=True, reset=not self._restored)
         return handles
 
+    def before_backward(self, step: int, x: Any, outputs: Any) -> None:
+        """train-batches under torchrun: each sample's loss carries weight world / B, not 1 / len(piece)."""
+        if self.source == "train-batches":
+            weight = self.ctx.sample_weight
+            for engine in self.engines:
+                engine.delta_scale = None if weight is None else 1.0 / weight
+
     def after_step(self, info: StepInfo) -> Iterable[RowBlock]:
         """train-batches: count the batch's samples and summed loss."""
         if self.source == "train-batches":
@@ -77,19 +92,35 @@ class GradMomentsProbe(Probe):
     def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:
         """At a recorded step: a probe pass per replicate, or the moments accumulated since the last row."""
         if step not in self.steps:
+            if self.source == "train-batches" and self.dist.world > 1 and step in self.sync_steps:
+                self._sync_to_main()
             return
         if self.source == "probe":
-            row = self._row(step, [self._probe_pass(m) for m in range(len(self.engines))])
+            per_replicate = [self._probe_pass(m) for m in range(len(self.engines))]
+            for moments in per_replicate:
+                self.dist.all_reduce_moments(moments, self.shapes, self.ctx.device)
+            row = self._row(step, per_replicate)
         else:
             per_replicate = [engine.end() for engine in self.engines]
             for m, moments in enumerate(per_replicate):
+                # n and loss_sum come from the step summaries, which already cover every rank
+                self.dist.all_reduce_moments(moments, self.shapes, self.ctx.device, counts=False)
                 moments.n, moments.loss_sum = int(self._seen[m]), float(self._loss_sum[m])
             row = self._row(step, per_replicate)  # before begin(), which reuses the accumulators
             for engine in self.engines:
                 engine.begin(mean_loss=True)
             self._seen[:] = 0
             self._loss_sum[:] = 0.0
-        yield RowBlock(self.name, self.take_row(self.name), row)
+        if self.dist.is_main:
+            yield RowBlock(self.name, self.take_row(self.name), row)
+
+    def _sync_to_main(self) -> None:
+        """Sum every rank's partial train-batches moments into rank 0; the other ranks start again from zero."""
+        for engine in self.engines:
+            self.dist.all_reduce_moments(engine.moments, self.shapes, self.ctx.device, counts=False)
+            if not self.dist.is_main:
+                for acc in engine.moments.tensors.values():
+                    acc.zero_()
 
     def state(self) -> dict[str, Any] | None:
         """train-batches: the moments accumulated since the last row (a resumed run continues them)."""
@@ -100,14 +131,16 @@ class GradMomentsProbe(Probe):
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue the accumulation saved by `state`."""
         for engine, moments in zip(self.engines, state["moments"], strict=True):
-            engine.moments = moments
+            if self.dist.is_main:  # the saved sums cover every rank: the others continue from zero
+                engine.moments = moments
         self._seen, self._loss_sum = state["seen"], state["loss"]
         self._restored = True
 
     def _probe_pass(self, m: int) -> Moments:
         model = self.ctx.models[m]
-        x = self.ctx.data.x_train[m][: self.samples]
-        y = self.ctx.data.y_train[m][: self.samples]
+        part = self.dist.shard(self.samples)  # under torchrun: this rank's piece of the probe set
+        x = self.ctx.data.x_train[m][: self.samples][part]
+        y = self.ctx.data.y_train[m][: self.samples][part]
         was_training = model.training
         model.eval()
         try:

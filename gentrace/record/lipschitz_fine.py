@@ -13,7 +13,8 @@ the training step itself provides it, with the parameters before that step's upd
 - several outputs (cross-entropy): dL/dx mixes every logit, so one extra backward of the
   predicted-class logits to the input (no weight gradients) gives ||df_c/dx_i|| per point.
 
-A row holds the mean and the max over the step's batch, per replicate ([L, M]).
+A row holds the mean and the max over the step's batch, per replicate ([L, M]). Under torchrun each
+rank measures its piece of the batch and the sums, counts and maxima are all-reduced.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class LipschitzFineProbe(Probe):
             f = torch.stack([out.squeeze(-1) for out in outputs])  # [M, B]
             target = y.to(f.dtype)
             dloss = 2 * (f - target) if self.ctx.loss == "mse" else torch.sigmoid(f) - target
-            batch = f.shape[1]
+            weight = self.ctx.sample_weight  # under torchrun world / B, else 1 / B
+            batch = f.shape[1] if weight is None else 1.0 / weight
             norms = batch * x.grad.flatten(2).norm(dim=2) / dloss.abs()
             self._norms = torch.where(dloss != 0, norms, torch.full_like(norms, float("nan")))
 
@@ -74,10 +76,14 @@ class LipschitzFineProbe(Probe):
         """Hand over the measured step's mean and max."""
         if step not in self.steps or self._norms is None:
             return
-        norms, self._norms = self._norms.detach().to("cpu", torch.float64).numpy(), None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a batch of perfect fits has no value: NaN
-            mean, top = np.nanmean(norms, axis=1), np.nanmax(norms, axis=1)
+        if self.ctx.dist.world > 1:
+            mean, top = self._combined(self._norms.detach().to(torch.float64))
+            self._norms = None
+        else:
+            norms, self._norms = self._norms.detach().to("cpu", torch.float64).numpy(), None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a batch of perfect fits has no value: NaN
+                mean, top = np.nanmean(norms, axis=1), np.nanmax(norms, axis=1)
         yield from self.emit(
             self.name,
             {
@@ -86,6 +92,21 @@ class LipschitzFineProbe(Probe):
                 "lipschitz_fine/max": top[None].astype(np.float32),
             },
         )
+
+    def _combined(self, norms: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """NaN-skipping mean and max [M] over every rank's piece of the batch (norms [M, b] here)."""
+        dist, valid = self.ctx.dist, ~norms.isnan()
+        stats = torch.stack([torch.where(valid, norms, 0.0).sum(1), valid.sum(1).to(norms.dtype)])
+        # amax of an empty piece (a rank without samples) is an error, not -inf
+        top = (
+            torch.where(valid, norms, -torch.inf).amax(1)
+            if norms.shape[1]
+            else norms.new_full(stats[0].shape, -torch.inf)
+        )
+        sums, tops = dist.all_reduce(stats).cpu().numpy(), dist.all_reduce(top, "max").cpu().numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = sums[0] / sums[1]  # 0 / 0 = NaN: a batch of perfect fits has no value
+        return mean, np.where(tops == -np.inf, np.nan, tops)
 
 
 def lipschitz_fine_probe(ctx: RunContext) -> LipschitzFineProbe | None:

@@ -55,8 +55,8 @@ class TensorSnapshotProbe(Probe):
         return edge or time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s
 
     def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:
-        """Copy the tensors of every replicate to the host (with a checkpoint when one is due)."""
-        if step not in self.steps:
+        """Copy the tensors of every replicate to the host (with a checkpoint when one is due); rank 0 only."""
+        if step not in self.steps or not self.ctx.dist.is_main:
             return
         per_model = [dict(model.named_parameters()) for model in self.ctx.models]
         row = {f"{self.name}/step": np.array([step], np.int64)}

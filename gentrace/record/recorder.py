@@ -78,10 +78,11 @@ class Recorder:
         for probe in self.probes:
             probe.resume(rows)
 
-    def attach(self, writer: StoreWriter) -> Recorder:
-        """Send rows to `writer` (started here)."""
+    def attach(self, writer: StoreWriter | None) -> Recorder:
+        """Send rows to `writer` (started here); None on the ranks other than 0 of torchrun, which drop their rows."""
         self._writer = writer
-        writer.start()
+        if writer is not None:
+            writer.start()
         return self
 
     def __enter__(self) -> Recorder:
@@ -105,8 +106,11 @@ class Recorder:
         """Whether any probe needs the input gradient of the training step that becomes `step`."""
         return any(probe.wants_input_grad(step) for probe in self.probes)
 
-    def before_backward(self, step: int, x: torch.Tensor, outputs: list[torch.Tensor]) -> None:
-        """Inside the training step, after the forward pass."""
+    def before_backward(
+        self, step: int, x: torch.Tensor, outputs: list[torch.Tensor], sample_weight: float | None = None
+    ) -> None:
+        """Inside the training step, after the forward pass; `sample_weight`: see RunContext."""
+        self.ctx.sample_weight = sample_weight
         for probe in self.probes:
             probe.before_backward(step, x, outputs)
 
@@ -129,5 +133,7 @@ class Recorder:
 
     def _put(self, blocks: Iterable[RowBlock]) -> None:
         for block in blocks:
-            assert self._writer is not None, "attach a writer before recording"
-            self._writer.put(block)
+            if self._writer is not None:
+                self._writer.put(block)
+            else:
+                assert not self.ctx.dist.is_main, "attach a writer before recording"
