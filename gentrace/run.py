@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import datetime as dt
 import platform
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -40,6 +41,8 @@ from gentrace.store.writer import StoreWriter, create_store, open_for_resume
 from gentrace.train import StepObserver, Trainer
 
 T = TypeVar("T")
+
+PEER_GRACE_S = 10.0
 
 
 class Interrupted(Exception):
@@ -178,6 +181,9 @@ def _on_main(dist: Dist, device: torch.device, fn: Callable[[], T]) -> T | None:
     if dist.any(error is not None, device):
         if error is not None:
             raise error
+        # Let rank 0 print its one-line error and exit first: torchrun then ends this rank (and
+        # names rank 0's failure as the root cause) rather than killing rank 0 mid-message.
+        time.sleep(PEER_GRACE_S)
         raise PeerFailed("rank 0 could not open the store; it reported why")
     return result
 

@@ -50,6 +50,7 @@ def summarize(reader: StoreReader) -> dict[str, Any]:
         "finished": attrs.get("finished"),
         "config": attrs.get("config", {}),
         "device": attrs.get("device"),
+        "processes": attrs.get("processes", 1),
         "torch_version": attrs.get("torch_version"),
         "gentrace_version": attrs.get("gentrace_version"),
         "total_steps": attrs.get("total_steps"),
@@ -85,13 +86,17 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _ranks(processes: int) -> str:
+    return f" x {processes} processes (torchrun)" if processes > 1 else ""
+
+
 def render(summary: dict[str, Any]) -> str:
     """Human-readable text for `gentrace info`."""
     lines = [
         f"store      {summary['store']}",
         f"status     {summary['status']}  (created {summary['created']}, finished {summary['finished'] or '-'})",
         f"config     {describe_config(summary['config'])}",
-        f"recorded   on {summary['device']} with torch {summary['torch_version']}, "
+        f"recorded   on {summary['device']}{_ranks(summary['processes'])} with torch {summary['torch_version']}, "
         f"gentrace {summary['gentrace_version']}; {summary['total_steps']} optimizer steps planned",
         "",
         f"{'stream':<14}{'rows':>8}{'steps':>16}{'arrays':>8}{'raw':>12}{'on disk':>12}{'ratio':>8}",

@@ -25,6 +25,7 @@ from gentrace.distributed import Dist, check_config
 from gentrace.errors import ConfigError
 from gentrace.record.base import StepInfo
 from gentrace.store.reader import StoreReader
+from gentrace.summary import render, summarize
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 values of order 1-10 summed in another order over ~100 samples
 
@@ -52,12 +53,12 @@ REGRESS = [
 ]
 
 
-def torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def torchrun(tmp_path: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     command += ["-m", "gentrace", "record", *args, "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-6000:]
+    assert (done.returncode == 0) == ok, done.stderr[-6000:]
     return done
 
 
@@ -88,6 +89,15 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     assert done.stdout.split() == ["two.zarr"]
     assert done.stderr.count("store written") == 1
     assert "error" not in done.stderr
+    assert "cpu x 2 processes (torchrun)" in render(summarize(StoreReader(tmp_path / "two.zarr")))
+
+
+def test_rank_0_store_error_stops_every_rank_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "taken.zarr").mkdir()
+    done = torchrun(tmp_path, *sets(CLASSIFY), "--out", "taken.zarr", ok=False)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: taken.zarr already exists; pass --overwrite to replace it or --resume to continue it"]
+    assert not any((tmp_path / "taken.zarr").iterdir())
 
 
 class StopAt:
