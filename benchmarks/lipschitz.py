@@ -98,7 +98,11 @@ def main() -> None:
         f"{os.cpu_count()} cpus), load average at start {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    rows = []
+    print(
+        "\n| network | output | per-point loop (s) | gentrace (s) | speed-up (medians) | best / best | per-round range "
+        f"| target >= {TARGET:g}x | values differing | max rel. diff |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|:---:|---:|---:|", flush=True)
     for label, (cfg, shape, k) in NETWORKS.items():
         model = build_model(cfg, shape, k).to(device).eval()
         model.requires_grad_(False)
@@ -120,24 +124,15 @@ def main() -> None:
                     times[v].append(seconds(variants[v], device))
             ratios = [a / b for a, b in zip(times["loop"], times["gentrace"], strict=True)]
             loop_s, fast_s = statistics.median(times["loop"]), statistics.median(times["gentrace"])
+            ratio, best = loop_s / fast_s, min(times["loop"]) / min(times["gentrace"])
             output = "||J||_2 (K=10)" if jacobian else ("df/dx" if k == 1 else "df_c/dx, c = argmax")
-            best = min(times["loop"]) / min(times["gentrace"])
-            rows.append(
-                (label, output, loop_s, fast_s, loop_s / fast_s, best, min(ratios), max(ratios), differ, max_rel)
+            print(  # row by row, so a slow run shows progress
+                f"| {label} | {output} | {loop_s:.3f} | {fast_s:.4f} | {ratio:.1f}x | {best:.1f}x "
+                f"| {min(ratios):.1f}-{max(ratios):.1f}x | {'yes' if ratio >= TARGET else 'NO'} | {differ} "
+                f"| {max_rel:.1e} |",
+                flush=True,
             )
-            print(f"  done: {label}, {output}: {loop_s / fast_s:.1f}x", flush=True)  # a slow run shows progress
     print(f"load average at end {os.getloadavg()[0]:.1f}")
-    print(
-        "\n| network | output | per-point loop (s) | gentrace (s) | speed-up (medians) | best / best | per-round range "
-        f"| target >= {TARGET:g}x | values differing | max rel. diff |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|:---:|---:|---:|")
-    for label, output, loop_s, fast_s, ratio, best, lo, hi, differ, max_rel in rows:
-        ok = "yes" if ratio >= TARGET else "NO"
-        print(
-            f"| {label} | {output} | {loop_s:.3f} | {fast_s:.4f} | {ratio:.1f}x | {best:.1f}x | {lo:.1f}-{hi:.1f}x "
-            f"| {ok} | {differ} | {max_rel:.1e} |"
-        )
 
 
 if __name__ == "__main__":
