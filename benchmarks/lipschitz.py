@@ -25,8 +25,9 @@ a shared machine) and the range of the per-round ratios.
 Why the cnn gains less than the mlp on a CPU: the loop pays a fixed ~0.1-0.2 ms of Python and dispatch
 per point. For the mlp that is nearly all of its cost, so batching removes it; for the cnn the per-point
 arithmetic (~2.7 MFLOP forward and backward) costs about as much again and batching cannot remove it, so
-the ratio is bounded by (overhead + arithmetic at batch 1) / (arithmetic at batch B), a few x on 2 cores.
-On a GPU the loop is bound by kernel launches (~30 per point) and the ratio is much larger.
+the ratio is bounded by (overhead + arithmetic at batch 1) / (arithmetic at batch B): 3-4x on the 2-core
+CPU this was written on (mlp ~40x). On a GPU the loop is bound by kernel launches (~30 per point), so the
+ratio should be far larger there (not measured yet).
 
 Usage: python benchmarks/lipschitz.py [--points 10000] [--repeats 9] [--jacobian] [--device auto|cpu|cuda].
 Thread count: torch's default (OMP_NUM_THREADS if set), printed in the header. Target (issue 6):
