@@ -8,6 +8,7 @@ any other exception keeps its traceback (it is a bug).
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import warnings
@@ -197,6 +198,8 @@ def compact(
 
     from gentrace.store import compact as compact_mod
 
+    if not (math.isfinite(shard_mb) and shard_mb * 2**20 >= 1):
+        raise config_mod.ConfigError(f"--shard-mb must be a positive number of MiB (got {shard_mb})")
     total = compact_mod.array_count(store)
     with Progress(transient=True, disable=quiet, console=_stderr_console()) as bar:
         task = bar.add_task("compacting", total=total)

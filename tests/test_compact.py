@@ -17,6 +17,7 @@ from gentrace.analyses import gsnr, lipschitz, mi, osgr, paths, trajectory
 from gentrace.errors import StoreError
 from gentrace.store import compact as compact_mod
 from gentrace.store.reader import StoreReader
+from gentrace.store.writer import open_for_resume
 
 # Every stream an analysis reads, two replicates and per-step evaluation (osgr).
 STREAMS = {
@@ -109,6 +110,11 @@ def test_a_killed_compaction_is_finished_by_the_next(
     monkeypatch.setattr(Path, "rename", real_rename)
     missing = [p for p in arrays if not (store / p / "zarr.json").exists()]
     assert len(missing) == 1  # the kill left exactly one array out of the store
+    # Until a compaction finishes, readers and --resume refuse the half-sharded store.
+    with pytest.raises(StoreError, match="being compacted"):
+        StoreReader(store)
+    with pytest.raises(StoreError, match="compacted"):
+        open_for_resume(store)
 
     compact_mod.compact(store)
     after = _all_arrays(store)
@@ -117,10 +123,13 @@ def test_a_killed_compaction_is_finished_by_the_next(
     assert not compact_mod.staging_dir(store).exists()
 
 
-def test_resumable_runs_need_final_and_compacted_runs_cannot_resume(finished: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("status", ["interrupted", "failed"])
+def test_resumable_runs_need_final_and_compacted_runs_cannot_resume(
+    finished: Path, tmp_path: Path, status: str
+) -> None:
     store = _copy(finished, tmp_path)
     root = zarr.open_group(str(store), mode="r+")
-    root.attrs.update({"status": "interrupted"})
+    root.attrs.update({"status": status})
     with pytest.raises(StoreError, match="--final"):
         compact_mod.compact(store)
 
@@ -140,3 +149,18 @@ def test_compact_of_a_directory_that_is_not_a_store_is_one_line(tmp_path: Path) 
     done = run_cli("compact", tmp_path)
     assert done.returncode == 2
     assert "not a gentrace store" in one_error_line(done.stderr)
+
+
+def test_compact_from_inside_the_store(finished: Path, tmp_path: Path) -> None:
+    store = _copy(finished, tmp_path)
+    done = run_cli("compact", ".", "--quiet", cwd=store)
+    assert done.returncode == 0, done.stderr
+    assert StoreReader(store).attrs["compacted"]["arrays"] > 10
+    assert not (tmp_path / "copy.zarr.compacting").exists()
+
+
+@pytest.mark.parametrize("size", ["nan", "inf", "0", "-1"])
+def test_a_bad_shard_size_is_one_line(finished: Path, size: str) -> None:
+    done = run_cli("compact", finished, "--shard-mb", size)
+    assert done.returncode == 2
+    assert "--shard-mb" in one_error_line(done.stderr)

@@ -36,6 +36,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from gentrace.errors import StoreError
+from gentrace.store import schema
 from gentrace.store.lock import StoreLock
 from gentrace.store.reader import StoreReader
 
@@ -43,7 +44,8 @@ from gentrace.store.reader import StoreReader
 # small enough that copying one shard at a time keeps memory bounded.
 SHARD_TARGET_BYTES = 64 * 2**20
 # Statuses of runs that `--resume` could still continue: compacting them ends that possibility.
-RESUMABLE = ("interrupted", "killed", "running", "initializing")
+# (A diverged run is not among them: resuming it from its last checkpoint diverges again.)
+RESUMABLE = ("interrupted", "killed", "running", "initializing", "failed")
 
 
 @dataclass
@@ -92,20 +94,25 @@ def compact(
         final: also compact an interrupted or killed run (it can then no longer be resumed).
         on_array: called with each array path once it is done (progress bars).
     """
-    store = Path(path)
+    store = Path(path).resolve()  # `compact .` from inside the store: the staging sibling needs a name
     if shard_bytes < 1:
-        raise StoreError(f"--shard-mb must be positive (got {shard_bytes} bytes)")
-    reader = StoreReader(store)
+        raise StoreError(f"the shard size must be positive (got {shard_bytes} bytes)")
+    reader = StoreReader(store, compacting_ok=True)
     status = reader.status  # before locking: our own lock would make a killed run look live
     lock = StoreLock(store)
     lock.acquire()  # refuses a store that a live run (or another compaction) holds
     try:
+        resuming_compaction = bool(reader.attrs.get(schema.COMPACTING_ATTR))
         _recover(store, reader)
-        if status in RESUMABLE and not final:
+        if status in RESUMABLE and not final and not resuming_compaction:
             raise StoreError(
                 f"{store} is a {status} run that `gentrace record --resume` can continue; compacting it "
                 "ends that. Resume it first, or pass --final to compact it as it is"
             )
+        root = zarr.open_group(LocalStore(store), mode="r+", zarr_format=3)
+        # Set before any array changes: a store with it set refuses --resume and new readers until a
+        # `gentrace compact` finishes the job (a half-sharded store must never get per-row writes).
+        root.attrs.update({schema.COMPACTING_ATTR: True})
         files_before, bytes_before = _disk_usage(store)
         start = time.perf_counter()
         done = 0
@@ -117,10 +124,9 @@ def compact(
                 if on_array is not None:
                     on_array(array_path)
         shutil.rmtree(staging_dir(store), ignore_errors=True)
-        root = zarr.open_group(LocalStore(store), mode="r+", zarr_format=3)
         previous = root.attrs.get("compacted")
         arrays = done + (int(previous["arrays"]) if isinstance(previous, dict) else 0)
-        root.attrs.update({"compacted": {"shard_bytes": shard_bytes, "arrays": arrays}})
+        root.attrs.update({"compacted": {"shard_bytes": shard_bytes, "arrays": arrays}, schema.COMPACTING_ATTR: False})
         files_after, bytes_after = _disk_usage(store)
         return CompactReport(done, files_before, files_after, bytes_before, bytes_after, time.perf_counter() - start)
     finally:
@@ -129,7 +135,7 @@ def compact(
 
 def array_count(path: Path | str) -> int:
     """How many streamed arrays a compaction of `path` walks over (the progress bar's total)."""
-    return sum(len(paths) for paths in StoreReader(path).streams().values())
+    return sum(len(paths) for paths in StoreReader(path, compacting_ok=True).streams().values())
 
 
 def _compact_array(store: Path, reader: StoreReader, array_path: str, rows: int, shard_bytes: int) -> bool:

@@ -51,9 +51,14 @@ class StoreReader:
         path: the store directory.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, compacting_ok: bool = False) -> None:
         self.path = Path(path)
-        check_gentrace_store(self.path)
+        attrs = check_gentrace_store(self.path)
+        if attrs.get(schema.COMPACTING_ATTR) and not compacting_ok:
+            raise StoreError(
+                f"{self.path} is being compacted (or its compaction was killed); wait for `gentrace compact` "
+                "to finish, or run it again"
+            )
         self._root = zarr.open_group(LocalStore(self.path, read_only=True), mode="r", zarr_format=3)
 
     # -- attributes ---------------------------------------------------------------------------

@@ -275,6 +275,10 @@ def lipschitz_fine_stream(rows: int, replicates: int) -> StreamSpec:
 
 CHECKPOINT_GROUP = "checkpoints"
 
+# Root attr `gentrace compact` sets before it changes any array and clears when every array is done:
+# while set, readers and `--resume` refuse the store (half of its arrays may be sharded already).
+COMPACTING_ATTR = "compacting"
+
 
 def checkpoint_name(step: int) -> str:
     """Array name of the training-state checkpoint taken with the parameter snapshot at `step`."""

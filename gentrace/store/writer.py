@@ -136,7 +136,8 @@ def create_store(
 def open_for_resume(path: Path) -> StoreWriter:
     """Open an existing store to continue it: lock it and delete partial files a kill left behind."""
     path = Path(path)
-    if check_gentrace_store(path).get("compacted"):
+    attrs = check_gentrace_store(path)
+    if attrs.get("compacted") or attrs.get(schema.COMPACTING_ATTR):
         raise StoreError(
             f"{path} was compacted by `gentrace compact` and can no longer be resumed; "
             "record a new run (or copy its config) instead"
