@@ -53,9 +53,15 @@ REGRESS = [
 ]
 
 
-def torchrun(tmp_path: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+DRIVERS = Path(__file__).parent / "drivers"
+
+
+def torchrun(
+    tmp_path: Path, *args: str, ok: bool = True, driver: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`gentrace record ARGS` on 2 CPU processes (`driver`: a script and its arguments in place of `-m gentrace`)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    command += ["-m", "gentrace", "record", *args, "--device", "cpu"]
+    command += [*(driver or ["-m", "gentrace"]), "record", *args, "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert (done.returncode == 0) == ok, done.stderr[-6000:]
@@ -98,6 +104,14 @@ def test_rank_0_store_error_stops_every_rank_with_one_line(tmp_path: Path) -> No
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: taken.zarr already exists; pass --overwrite to replace it or --resume to continue it"]
     assert not any((tmp_path / "taken.zarr").iterdir())
+
+
+def test_error_on_rank_1_alone_is_printed_with_its_rank(tmp_path: Path) -> None:
+    """Data must be readable on every node: rank 1 alone failing to read it says so, under its rank."""
+    driver = [str(DRIVERS / "rank_fails.py"), "1"]
+    done = torchrun(tmp_path, *sets(CLASSIFY), "--out", "two.zarr", ok=False, driver=driver)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: [rank 1] data.root = 'data/mnist' holds no MNIST files on this node"]
 
 
 class StopAt:

@@ -95,3 +95,33 @@ def test_train_batches_accumulation_survives_resume(tmp_path: Path) -> None:
     ref, cut = StoreReader(tmp_path / "ref"), StoreReader(tmp_path / "cut")
     for path in ref.streams()["grad"]:
         assert np.array_equal(ref.array(path), cut.array(path)), path
+
+
+def test_train_batches_beside_lipschitz_fine_extra_backward(tmp_path: Path) -> None:
+    """Classification + lipschitz_fine: its extra backward of the predicted-class logits runs through the
+    hooked forward pass before the loss backward; the train-batches moments must see the loss backward only."""
+    grad = "record.grad_moments={every_steps=1, every_epochs=0, source='train-batches'}"
+    both = config.load(None, [*BASE, grad, "record.lipschitz_fine.every_steps=1"])
+    trainer, _, data = run.prepare(both, torch.device("cpu"))
+    reader = StoreReader(run.record(both, tmp_path / "both", device="cpu"))
+    spe = reader.attrs["steps_per_epoch"]
+    assert np.array_equal(reader.array("grad/step"), np.arange(1, 3 * spe + 1))
+    assert np.array_equal(reader.array("lipschitz_fine/step"), np.arange(1, 3 * spe + 1))
+    # the first step of each epoch runs at the parameters of snapshot `epoch`: its row is that batch's moments
+    for epoch in (0, 1):
+        idx = trainer.order(epoch)[:, :16]
+        for m in range(2):
+            model = _model_at(reader, both, epoch, m, data.input_shape)
+            x, y = data.x_train[m][idx[m]], data.y_train[m][idx[m]]
+            _assert_row(reader, epoch * spe, m, per_sample_grads(model, x, y, _loss))
+    # each stream as recorded alone, every row
+    alone = {
+        "grad": config.load(None, [*BASE, grad]),
+        "lipschitz_fine": config.load(
+            None, [*BASE, "record.grad_moments.every_epochs=0", "record.lipschitz_fine.every_steps=1"]
+        ),
+    }
+    for stream, cfg in alone.items():
+        ref = StoreReader(run.record(cfg, tmp_path / stream, device="cpu"))
+        for path in ref.streams()[stream]:
+            np.testing.assert_allclose(reader.array(path), ref.array(path), rtol=1e-6, atol=1e-9, err_msg=path)

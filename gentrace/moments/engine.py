@@ -9,11 +9,18 @@ batch of B samples it is that divided by B, which `begin(mean_loss=True)` undoes
 backward hook, survives torchvision's in-place `out += identity`: it sees the gradient of the
 value before the in-place op, which is the same.) Modules that reuse their parameters within one
 forward pass (a per-sample gradient would need the sum over calls before squaring) are refused.
+
+A tensor hook fires in every backward that passes through its tensor, not only the loss's. Code
+that backpropagates something else through a hooked forward pass (the predicted-class logits of
+`lipschitz_fine`, with the graph retained for the loss backward that follows) does it inside
+`not_the_loss()`: the hooks then leave the saved inputs and the moments alone, and the loss
+backward still finds them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -35,6 +42,22 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.BatchNorm3d: lambda m, inputs, d, signs: batchnorm.moments(m, inputs, d),
     nn.SyncBatchNorm: lambda m, inputs, d, signs: batchnorm.moments(m, inputs, d),  # multi-GPU runs
 }
+
+
+# > 0 while a backward that is not the loss's runs (`not_the_loss`): every engine's tensor hooks stay out.
+# Module-level, not thread-local: on GPUs the autograd engine runs the hooks on its own device threads.
+_not_the_loss = 0
+
+
+@contextlib.contextmanager
+def not_the_loss() -> Iterator[None]:
+    """Backward passes run inside are not of the loss: the moment hooks they pass through do nothing."""
+    global _not_the_loss
+    _not_the_loss += 1
+    try:
+        yield
+    finally:
+        _not_the_loss -= 1
 
 
 def _fallback(module: nn.Module, inputs: tuple[Any, ...], delta: torch.Tensor, signs: bool) -> dict[str, Stats]:
@@ -120,6 +143,8 @@ class MomentsEngine:
 
     def _backward_hook(self, prefix: str, module: nn.Module) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
+            if _not_the_loss:
+                return
             inputs = self._inputs.pop(prefix)
             scale = len(grad) if self.delta_scale is None else self.delta_scale
             delta = grad.detach() * scale if self.mean_loss else grad.detach()

@@ -11,7 +11,8 @@ the training step itself provides it, with the parameters before that step's upd
   cost of the first layer's input gradient only. A point with l'(f_i) = 0 (a perfect fit) gives no
   value and is left out.
 - several outputs (cross-entropy): dL/dx mixes every logit, so one extra backward of the
-  predicted-class logits to the input (no weight gradients) gives ||df_c/dx_i|| per point.
+  predicted-class logits to the input (no weight gradients) gives ||df_c/dx_i|| per point. It runs
+  under `moments.engine.not_the_loss()`, so train-batches gradient moments see the loss backward only.
 
 A row holds the mean and the max over the step's batch, per replicate ([L, M]). Under torchrun each
 rank measures its piece of the batch and the sums, counts and maxima are all-reduced.
@@ -25,6 +26,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from gentrace.moments.engine import not_the_loss
 from gentrace.record.base import Probe, RunContext
 from gentrace.schedules import every_steps
 from gentrace.store import schema
@@ -55,7 +57,9 @@ class LipschitzFineProbe(Probe):
         if step not in self.steps or self.ctx.loss != "cross_entropy":
             return
         picked = torch.stack([out.gather(1, out.argmax(1, keepdim=True)).sum() for out in outputs]).sum()
-        (grad,) = torch.autograd.grad(picked, [x], retain_graph=True)
+        # not the loss: `record.grad_moments.source = 'train-batches'` hooks must wait for the loss backward
+        with not_the_loss():
+            (grad,) = torch.autograd.grad(picked, [x], retain_graph=True)
         self._norms = grad.flatten(2).norm(dim=2)
 
     def after_backward(self, step: int, x: torch.Tensor, outputs: list[torch.Tensor], y: torch.Tensor) -> None:
