@@ -9,7 +9,9 @@ also checks that the blocks join without a seam.
 
 from __future__ import annotations
 
+import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import zarr
 from conftest import one_error_line, run_cli
 from synthetic_store import Size, write_store
 from typer.testing import CliRunner
@@ -24,7 +27,9 @@ from typer.testing import CliRunner
 from gentrace.analyses import dask_backend, gsnr, mi, paths
 from gentrace.analyses import plan as chunks
 from gentrace.cli import app
+from gentrace.errors import ConfigError
 from gentrace.store.reader import StoreReader
+from gentrace.sweep import over_stores
 
 distributed = pytest.importorskip("dask.distributed")
 
@@ -118,3 +123,61 @@ def test_scattered_reference_gives_the_same_table(store: Path, client: Any, monk
     here = pd.concat(list(chunks.local(mi.plan(reader))), ignore_index=True)
     there = pd.concat(list(dask_backend.frames(mi.plan(reader, parts=PARTS), client)), ignore_index=True)
     pd.testing.assert_frame_equal(there, here, check_exact=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_plans_send_the_absolute_store_path(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: Case
+) -> None:
+    monkeypatch.chdir(store.parent)
+    plan = case.plan(StoreReader(Path(store.name)), PARTS)  # a relative path, as typed on the command line
+    assert {task.args[0] for task in plan.tasks} == {str(store.resolve())}
+    monkeypatch.chdir(tmp_path)  # a worker started in another directory still finds the store
+    assert len(pd.concat(list(chunks.local(plan)), ignore_index=True)) > 0
+
+
+def test_store_column_keeps_the_paths_as_given(
+    store: Path, tmp_path: Path, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(store, tmp_path / "b.zarr")
+    shutil.copytree(store, tmp_path / "a.zarr")
+    monkeypatch.chdir(tmp_path)
+    given = [Path("a.zarr"), Path("b.zarr")]
+    table = pd.concat(list(over_stores(given, lambda r: dask_backend.frames(gsnr.plan(r), client))), ignore_index=True)
+    assert list(table["store"].unique()) == ["a.zarr", "b.zarr"]
+
+
+def test_scheduler_without_workers_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dask_backend, "WORKERS_TIMEOUT_S", 0.5)
+    with distributed.LocalCluster(
+        n_workers=0,
+        processes=False,
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": dask_backend.FREE_PORT},
+    ) as cluster:
+        start = time.monotonic()
+        with (
+            pytest.raises(ConfigError, match="no dask worker joined the scheduler") as caught,
+            dask_backend.connect(cluster.scheduler_address),
+        ):
+            pass
+        assert time.monotonic() - start < 10
+    message = str(caught.value)
+    assert len(message.splitlines()) == 1
+    assert f"dask worker {cluster.scheduler_address}" in message
+    assert caught.value.exit_code == 2
+
+
+@pytest.mark.slow
+def test_worker_input_error_is_one_line_exit_2(store: Path, tmp_path: Path) -> None:
+    broken = shutil.copytree(store, tmp_path / "broken.zarr")
+    zarr.open_array(broken / "grad" / "n", mode="r+")[2, 1] = 0  # gsnr refuses n = 0 inside a task
+    done = run_cli("analyze", "gsnr", broken, "--dask", "local", timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "has n = 0 samples at step 2" in one_error_line(done.stderr)
+
+
+def test_tls_scheduler_without_certificates_is_one_line_exit_2(store: Path) -> None:
+    done = run_cli("analyze", "gsnr", store, "--dask", "tls://127.0.0.1:9")
+    assert done.returncode == 2
+    assert "no dask scheduler answers" in one_error_line(done.stderr)

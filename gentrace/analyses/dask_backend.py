@@ -10,6 +10,11 @@ in-process, row for row.
     --dask tcp://host:8786     an existing scheduler; its workers must see the store at the same path
                                (a shared file system) and have gentrace installed
 
+A GentraceError raised in a task (a damaged store, say) comes back as the task's value and is raised
+here with its type, and the local cluster's logs are silenced: the CLI prints its one `error:` line
+on stderr, not the workers' logs and tracebacks. Plans send the store's absolute path, so workers
+started in another directory open the same store.
+
 At most WINDOW tasks per worker thread are in flight: finished chunks wait on the workers only until
 they are gathered, so memory stays bounded on both sides whatever the number of chunks.
 dask.distributed is an optional dependency (`pip install 'gentrace[dask]'`), imported only here.
@@ -17,21 +22,25 @@ dask.distributed is an optional dependency (`pip install 'gentrace[dask]'`), imp
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from gentrace.analyses.plan import Plan, Task
-from gentrace.errors import ConfigError
+from gentrace.errors import ConfigError, GentraceError
 
 LOCAL = "local"
 CONNECT_TIMEOUT_S = 10
+WORKERS_TIMEOUT_S = 30  # how long to wait for the first worker to join the scheduler
 WINDOW = 4  # tasks in flight per worker thread
 SCATTER_BYTES = 2**16
+FREE_PORT = "127.0.0.1:0"  # the local scheduler's HTTP server (no dashboard): any free port
 
 
 @contextmanager
@@ -39,7 +48,8 @@ def connect(address: str) -> Iterator[Any]:
     """A dask.distributed Client for `address` ('local': a new LocalCluster), closed on exit.
 
     Raises:
-        ConfigError: dask.distributed is not installed, or no scheduler answers at `address`.
+        ConfigError: dask.distributed is not installed, no scheduler answers at `address`, or no
+            worker joins it within WORKERS_TIMEOUT_S.
     """
     try:
         from dask.distributed import Client, LocalCluster
@@ -48,21 +58,44 @@ def connect(address: str) -> Iterator[Any]:
             "--dask needs dask.distributed, which is not installed; pip install 'gentrace[dask]'"
         ) from None
     if address == LOCAL:
-        with LocalCluster(dashboard_address=None) as cluster, Client(cluster) as client:
+        with (
+            LocalCluster(
+                dashboard_address=None,
+                scheduler_kwargs={"dashboard_address": FREE_PORT},  # no warning when 8787 is taken
+                silence_logs=logging.CRITICAL,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             yield client
         return
     try:
         client = Client(address, timeout=CONNECT_TIMEOUT_S)
-    except (OSError, TimeoutError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except (OSError, TimeoutError, TypeError, ValueError) as exc:  # TypeError: tls:// without an ssl_context
         raise ConfigError(
-            f"--dask {address}: no dask scheduler answers there ({reason}); start one with `dask scheduler` "
+            f"--dask {address}: no dask scheduler answers there ({_reason(exc)}); start one with `dask scheduler` "
             "(and workers with `dask worker ADDRESS`), or use --dask local"
         ) from None
     try:
+        _wait_for_a_worker(client, address)
         yield client
     finally:
         client.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name."""
+    return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _wait_for_a_worker(client: Any, address: str) -> None:
+    """Return once a worker has joined the scheduler: with none, tasks would wait forever."""
+    try:
+        client.wait_for_workers(1, timeout=WORKERS_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:  # WorkerStartTimeoutError is a TimeoutError
+        raise ConfigError(
+            f"--dask {address}: no dask worker joined the scheduler within {WORKERS_TIMEOUT_S} s ({_reason(exc)}); "
+            f"start one with `dask worker {address}`"
+        ) from None
 
 
 def threads(client: Any) -> int:
@@ -75,9 +108,19 @@ def parts(client: Any) -> int:
     return 2 * threads(client)
 
 
-def _materialize(fn: Any, *args: Any) -> list[pd.DataFrame]:
+@dataclass(frozen=True)
+class _Failed:
+    """A task's GentraceError, sent back as its value: no worker log or traceback, re-raised here."""
+
+    error: GentraceError
+
+
+def _materialize(fn: Any, *args: Any) -> list[pd.DataFrame] | _Failed:
     """Run one task on a worker (its scattered arguments already resolved); its frames travel back as a list."""
-    return list(Task(fn, args)())
+    try:
+        return list(Task(fn, args)())
+    except GentraceError as exc:
+        return _Failed(exc)
 
 
 def _submit(client: Any, task: Task, scattered: dict[int, Any]) -> Any:
@@ -110,8 +153,10 @@ def _gathered(plan: Plan, client: Any) -> Iterator[pd.DataFrame]:
             break
     while in_flight:
         future = in_flight.popleft()
-        result = future.result()  # a worker's GentraceError is re-raised here with its type
+        result = future.result()
         future.release()
+        if isinstance(result, _Failed):
+            raise result.error  # a worker's GentraceError, with its type
         nxt = next(pending, None)
         if nxt is not None:
             in_flight.append(_submit(client, nxt, scattered))

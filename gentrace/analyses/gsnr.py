@@ -271,7 +271,7 @@ def plan(
     n_all = np.asarray(reader.lazy("grad/n")[:rows])
     select, labels = replicate_selection(reader, replicate, n_all.shape[1])
     indices = range(n_all.shape[1])[select]
-    path = str(reader.path)
+    path = str(reader.path.resolve())  # absolute: a worker started elsewhere opens the same store
     tasks = [
         chunks.Task(
             _row_task, (path, g, m, label, int(steps[g]), int(epochs[g]), int(n_all[g, m]), by, rtol, block_bytes)

@@ -344,7 +344,7 @@ def plan(
         raise AnalysisInputError(f"mi: reference must be one of {choices}, not {reference!r}")
     fitted = "linear" if reference == "null" else reference
     ref_preds = mi_references.reference_predictions(reader, fitted, split, cache=cache)  # [M, n]
-    path = str(reader.path)
+    path = str(reader.path.resolve())  # absolute: a worker started elsewhere opens the same store
     ranges = chunks.row_ranges(q, max(1, BLOCK_VALUES // max(1, n)), parts)
     tasks: list[chunks.Task] = []
     labels_of: list[np.ndarray] = []

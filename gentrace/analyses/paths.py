@@ -411,7 +411,7 @@ def plan(
     decays = decay_epochs(recorded_lr(reader)) if kind == "ratio" else []
     if kind == "ratio" and not decays:
         raise AnalysisInputError(f"{reader.path}: {NO_DECAY}")
-    path, chosen = str(reader.path), None if bases is None else tuple(int(b) for b in bases)
+    path, chosen = str(reader.path.resolve()), None if bases is None else tuple(int(b) for b in bases)
     per_layer = [(0, len(epochs))] if kind == "rank" else chunks.blocks(len(epochs), parts)
     task_kind = "cross" if kind == "ratio" else kind
     tasks = [
