@@ -10,11 +10,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pytest
 import zarr
+
+if TYPE_CHECKING:
+    from gentrace.record.base import StepInfo
 
 DRIVERS = Path(__file__).parent / "drivers"
 
@@ -163,6 +166,17 @@ def assert_committed_rows_filled(store: Path) -> None:
                 assert not (values == -1).any(), f"{path}: -1 fill in the first {rows} committed rows"
         steps = np.asarray(root[f"{stream}/step"][:rows])
         assert (np.diff(steps) > 0).all(), f"{stream}/step is not increasing: {steps}"
+
+
+class StopAt:
+    """A step observer that raises KeyboardInterrupt (what SIGINT does) after a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, info: StepInfo) -> None:
+        if info.step == self.step:
+            raise KeyboardInterrupt
 
 
 def tree_digest(path: Path) -> dict[str, bytes]:

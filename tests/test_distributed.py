@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import StopAt
 from torch import nn
 
 from gentrace import config, run
 from gentrace.distributed import Dist, check_config
 from gentrace.errors import ConfigError
-from gentrace.record.base import StepInfo
 from gentrace.store.reader import StoreReader
 from gentrace.summary import render, summarize
 
@@ -112,15 +112,6 @@ def test_error_on_rank_1_alone_is_printed_with_its_rank(tmp_path: Path) -> None:
     done = torchrun(tmp_path, *sets(CLASSIFY), "--out", "two.zarr", ok=False, driver=driver)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: [rank 1] data.root = 'data/mnist' holds no MNIST files on this node"]
-
-
-class StopAt:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, info: StepInfo) -> None:
-        if info.step == self.step:
-            raise KeyboardInterrupt
 
 
 def grad_state(path: Path, step: int) -> list[dict[str, np.ndarray]]:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import StopAt
 from reference_moments import moments_of, per_sample_grads
 
 from gentrace import config, run
@@ -74,15 +75,6 @@ def test_train_batches_source_covers_each_step_batch(tmp_path: Path) -> None:
         model = _model_at(reader, cfg, 0, m, data.input_shape)
         idx = order[m, :16]
         _assert_row(reader, 0, m, per_sample_grads(model, data.x_train[m][idx], data.y_train[m][idx], _loss))
-
-
-class StopAt:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, info: object) -> None:
-        if getattr(info, "step") == self.step:  # noqa: B009
-            raise KeyboardInterrupt
 
 
 def test_train_batches_accumulation_survives_resume(tmp_path: Path) -> None:

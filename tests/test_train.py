@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import StopAt
 
 from gentrace import config, run
 from gentrace.losses import per_sample_loss, sample_error
 from gentrace.models import build_model
-from gentrace.record.base import StepInfo
 from gentrace.store.reader import StoreReader
 
 TINY = [
@@ -59,17 +59,6 @@ def test_replicates_trained_together_equal_one_trained_alone(tmp_path: Path) -> 
     w = two.array("params/0.weight")
     assert np.array_equal(w[0, 0], w[0, 1])
     assert not np.array_equal(w[-1, 0], w[-1, 1])
-
-
-class StopAt:
-    """An observer that raises KeyboardInterrupt (what SIGINT does) after a given step."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step(self, info: StepInfo) -> None:
-        if info.step == self.step:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("stop", [1, 4, 9, 13])
