@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from gentrace.store.reader import StoreReader
+from gentrace.store.reader import StoreReader, disk_usage
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,7 @@ def summarize(reader: StoreReader) -> dict[str, Any]:
                 last_step=int(steps[-1]) if steps is not None else None,
             )
         )
-    files = [f for f in reader.path.rglob("*") if f.is_file()]
-    total_disk = sum(f.stat().st_size for f in files)
+    files, total_disk = disk_usage(reader.path)
     raw = sum(s.raw_bytes for s in streams)
     data = sum(s.disk_bytes for s in streams)
     return {
@@ -56,7 +55,7 @@ def summarize(reader: StoreReader) -> dict[str, Any]:
         "total_steps": attrs.get("total_steps"),
         "streams": [s.__dict__ for s in streams],
         "disk_bytes": total_disk,
-        "files": len(files),
+        "files": files,
         "compacted": attrs.get("compacted"),
         "compression_ratio": raw / data if data else None,
         "writer": attrs.get("writer", {}),

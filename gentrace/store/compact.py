@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zarr
@@ -38,7 +37,7 @@ from zarr.storage import LocalStore
 from gentrace.errors import StoreError
 from gentrace.store import schema
 from gentrace.store.lock import StoreLock
-from gentrace.store.reader import StoreReader
+from gentrace.store.reader import StoreReader, disk_usage
 
 # Uncompressed bytes of one shard at most: big enough to cut file counts ~100x for typical rows,
 # small enough that copying one shard at a time keeps memory bounded.
@@ -113,7 +112,7 @@ def compact(
         # Set before any array changes: a store with it set refuses --resume and new readers until a
         # `gentrace compact` finishes the job (a half-sharded store must never get per-row writes).
         root.attrs.update({schema.COMPACTING_ATTR: True})
-        files_before, bytes_before = _disk_usage(store)
+        files_before, bytes_before = disk_usage(store)
         start = time.perf_counter()
         done = 0
         for stream, paths in reader.streams().items():
@@ -127,7 +126,7 @@ def compact(
         previous = root.attrs.get("compacted")
         arrays = done + (int(previous["arrays"]) if isinstance(previous, dict) else 0)
         root.attrs.update({"compacted": {"shard_bytes": shard_bytes, "arrays": arrays}, schema.COMPACTING_ATTR: False})
-        files_after, bytes_after = _disk_usage(store)
+        files_after, bytes_after = disk_usage(store)
         return CompactReport(done, files_before, files_after, bytes_before, bytes_after, time.perf_counter() - start)
     finally:
         lock.release()
@@ -191,20 +190,3 @@ def _recover(store: Path, reader: StoreReader) -> None:
                     candidate.rename(target)
                     break
     shutil.rmtree(staging)
-
-
-def _disk_usage(store: Path) -> tuple[int, int]:
-    files = [f for f in store.rglob("*") if f.is_file()]
-    return len(files), sum(f.stat().st_size for f in files)
-
-
-def describe(report: CompactReport) -> dict[str, Any]:
-    """The report as plain data (the CLI prints it)."""
-    return {
-        "arrays": report.arrays,
-        "files_before": report.files_before,
-        "files_after": report.files_after,
-        "bytes_before": report.bytes_before,
-        "bytes_after": report.bytes_after,
-        "seconds": round(report.seconds, 3),
-    }

@@ -44,6 +44,12 @@ def check_gentrace_store(path: Path) -> dict[str, Any]:
     return dict(attrs)
 
 
+def disk_usage(directory: Path) -> tuple[int, int]:
+    """(files, bytes) on disk under `directory`: a whole store, or one array of it."""
+    files = [f for f in Path(directory).rglob("*") if f.is_file()]
+    return len(files), sum(f.stat().st_size for f in files)
+
+
 class StoreReader:
     """Read-only view of one store.
 
@@ -177,8 +183,7 @@ class StoreReader:
 
     def disk_bytes(self, path: str) -> int:
         """Bytes on disk of one array (all its chunk files and metadata)."""
-        directory = self.path / path
-        return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        return disk_usage(self.path / path)[1]
 
     def logical_bytes(self, path: str) -> int:
         """Uncompressed bytes of the committed rows of one array."""
