@@ -138,8 +138,7 @@ def _submit(client: Any, task: Task, scattered: dict[int, Any]) -> Any:
 
 def frames(plan: Plan, client: Any) -> Iterator[pd.DataFrame]:
     """The plan's output frames, its tasks run on the cluster behind `client`, in task order."""
-    gathered = _gathered(plan, client)
-    yield from gathered if plan.finish is None else plan.finish(gathered)
+    yield from plan.output(_gathered(plan, client))
 
 
 def _gathered(plan: Plan, client: Any) -> Iterator[pd.DataFrame]:

@@ -60,11 +60,14 @@ class Plan:
     tasks: list[Task]
     finish: Finish | None = field(default=None)
 
+    def output(self, frames: Iterator[pd.DataFrame]) -> Iterable[pd.DataFrame]:
+        """The output frames from the task frames (in task order, wherever they ran): `finish` applied."""
+        return frames if self.finish is None else self.finish(frames)
+
 
 def local(plan: Plan) -> Iterator[pd.DataFrame]:
     """Run the tasks in order in this process: one chunk in memory at a time."""
-    frames = (frame for task in plan.tasks for frame in task())
-    yield from frames if plan.finish is None else plan.finish(frames)
+    yield from plan.output(frame for task in plan.tasks for frame in task())
 
 
 def blocks(total: int, parts: int) -> list[tuple[int, int]]:
