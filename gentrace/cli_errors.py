@@ -6,20 +6,19 @@ Only GentraceError is caught: any other exception keeps its traceback (it is a b
 Under torchrun rank 0 prints as a single process would. The other ranks print their own errors as
 `error: [rank N] message`: data must be readable on every node, so a rank may fail where rank 0 did
 not (torchrun itself then reports only that a child failed). The exception is
-`gentrace.distributed.PeerFailed`, the error of a rank that stops because rank 0 failed and printed why.
+`gentrace.errors.PeerFailed`, the error of a rank that stops because rank 0 failed and printed why.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
 import typer
 
-from gentrace.errors import GentraceError
+from gentrace.errors import GentraceError, PeerFailed
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,9 +45,7 @@ def report(exc: GentraceError) -> None:
     if not torchrun_worker():
         typer.echo(f"error: {exc}", err=True)
         return
-    # PeerFailed is raised only once gentrace.distributed (and torch) is loaded: not imported here for it
-    distributed = sys.modules.get("gentrace.distributed")
-    if distributed is not None and isinstance(exc, distributed.PeerFailed):
+    if isinstance(exc, PeerFailed):
         return
     typer.echo(f"error: [rank {os.environ['RANK']}] {exc}", err=True)
 

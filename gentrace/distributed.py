@@ -32,14 +32,8 @@ import torch.distributed as tdist
 from torch import nn
 
 from gentrace.config import RunConfig
-from gentrace.errors import ConfigError, GentraceError
+from gentrace.errors import ConfigError
 from gentrace.moments.accumulator import Moments, TensorMoments
-
-
-class PeerFailed(GentraceError):
-    """Another rank failed before training started (it reports why; this rank only stops)."""
-
-    exit_code = 1
 
 
 def launched_world() -> tuple[int, int, int]:

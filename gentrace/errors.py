@@ -51,3 +51,9 @@ class WriterError(GentraceError):
     """The background store writer failed (full disk, permissions); nothing committed is lost."""
 
     exit_code = 1
+
+
+class PeerFailed(GentraceError):
+    """Under torchrun: another rank failed before training started; it reports why, this rank only stops."""
+
+    exit_code = 1

@@ -29,8 +29,8 @@ import torch
 from gentrace import __version__
 from gentrace.config import RunConfig, from_dict, to_dict
 from gentrace.data import Dataset, build_data
-from gentrace.distributed import Dist, PeerFailed, check_config, session
-from gentrace.errors import ConfigError, StoreError, TrainingDiverged
+from gentrace.distributed import Dist, check_config, session
+from gentrace.errors import ConfigError, PeerFailed, StoreError, TrainingDiverged
 from gentrace.losses import output_dim, resolve_loss
 from gentrace.models import apply_freeze, build_model
 from gentrace.record.base import RunContext

@@ -13,8 +13,7 @@ import typer
 
 from gentrace import cli
 from gentrace.cli_errors import user_errors
-from gentrace.distributed import PeerFailed
-from gentrace.errors import DataError
+from gentrace.errors import DataError, PeerFailed
 
 
 def _main(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
