@@ -98,10 +98,21 @@ def record(
         else:
             path = run.record(cfg, out, device=device, resume=resume, overwrite=overwrite, observers=observers)
     except run.Interrupted as exc:
+        _quiet_exit()
         _err(str(exc))
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:  # before the store existed: run.record turns every later one into Interrupted
+        _quiet_exit()
+        _err("interrupted before recording started; no store was written" if not resume else "interrupted")
         raise typer.Exit(130) from None
     if not torchrun_worker():
         _after_record(path, quiet)
+
+
+def _quiet_exit() -> None:
+    """Ignore further Ctrl-C: the process is on its way out (a second one would print an atexit traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _after_record(path: Path, quiet: bool) -> None:
@@ -216,6 +227,39 @@ def compact(
     typer.echo(str(store))
 
 
+@app.command()
+@user_errors
+def verify(
+    store: Annotated[Path, typer.Argument(help="A store written by `gentrace record`.")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Read every committed chunk and checkpoint of a store; exit 1 and list the damaged rows if any."""
+    from rich.progress import Progress
+
+    from gentrace.errors import DamagedStoreError
+    from gentrace.store.verify import verify as verify_store
+
+    total = sum(
+        len(paths) for paths in StoreReader(store, compacting_ok=True, check_checkpoint=False).streams().values()
+    )
+    with Progress(transient=True, disable=quiet, console=_stderr_console()) as bar:
+        task = bar.add_task("verifying", total=total)
+        reports = verify_store(store, on_array=lambda _: bar.advance(task))
+    lines = ["stream,arrays,rows,chunks_read,mib_read,status"]
+    damaged = []
+    for r in reports:
+        lines.append(
+            f"{r.stream},{r.arrays},{r.rows},{r.chunks},{r.bytes / 2**20:.2f},{'ok' if r.sound else 'damaged'}"
+        )
+        damaged += [f"damaged: {d}" for d in r.damaged]
+    typer.echo("\n".join(lines))
+    if damaged:
+        typer.echo("\n".join(damaged), err=True)
+        raise DamagedStoreError(
+            f"{store}: {len(damaged)} damaged pieces (listed above); the rows before them are sound"
+        )
+
+
 def _stderr_console() -> Any:
     from rich.console import Console
 
@@ -234,6 +278,7 @@ def main() -> None:
         _err(exc.format_message())  # type: ignore[attr-defined]
         sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
+        _quiet_exit()
         _err("interrupted")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -35,6 +35,15 @@ class SchemaVersionError(StoreError):
     """The store was written by a newer gentrace schema than this one reads."""
 
 
+class DamagedStoreError(StoreError):
+    """A chunk, checkpoint or metadata file inside the committed rows is missing or fails its checksum.
+
+    The message names the array and rows and says to run `gentrace verify`; damage is never read as numbers.
+    """
+
+    exit_code = 1
+
+
 class AnalysisInputError(GentraceError):
     """An analysis was asked for something the store cannot answer."""
 

@@ -17,10 +17,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import io
 import platform
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import TypeVar
 
 import numpy as np
@@ -30,7 +36,7 @@ from gentrace import __version__
 from gentrace.config import RunConfig, from_dict, to_dict
 from gentrace.data import Dataset, build_data
 from gentrace.distributed import Dist, check_config, session
-from gentrace.errors import ConfigError, PeerFailed, StoreError, TrainingDiverged
+from gentrace.errors import ConfigError, GentraceError, PeerFailed, StoreError, TrainingDiverged
 from gentrace.losses import output_dim, resolve_loss
 from gentrace.models import apply_freeze, build_model
 from gentrace.record.base import RunContext
@@ -154,12 +160,52 @@ def record(
         assert cfg is not None
         path = Path(str(dist.broadcast(out if out is not None else default_store_path(cfg))))  # rank 0's timestamp
         _on_main(dist, dev, lambda: _check_new(path, overwrite))
-        trainer, recorder, data = prepare(cfg, dev, dist)
-        static = {**_static(data), **recorder.static()}
-        attrs = _attrs(cfg, trainer, data, dev)
-        writer = _on_main(dist, dev, lambda: create_store(path, attrs, recorder.streams(), static, overwrite=overwrite))
-        _train(trainer, recorder, writer, path, observers)
+        _start_new(cfg, path, dev, dist, observers, overwrite=overwrite)
     return path
+
+
+def _start_new(
+    cfg: RunConfig, path: Path, dev: torch.device, dist: Dist, observers: Sequence[StepObserver], *, overwrite: bool
+) -> None:
+    """Create the store (Ctrl-C held until it exists whole) and train into it from step 0."""
+    trainer, recorder, data = prepare(cfg, dev, dist)
+    static = {**_static(data), **recorder.static()}
+    attrs = _attrs(cfg, trainer, data, dev)
+    with held_interrupts() as held:
+        writer = _on_main(dist, dev, lambda: create_store(path, attrs, recorder.streams(), static, overwrite=overwrite))
+    if held.pending:
+        if writer is not None:
+            writer.close("interrupted")
+        raise Interrupted(path)
+    _train(trainer, recorder, writer, path, observers)
+
+
+class _Held:
+    """What `held_interrupts` saw: whether Ctrl-C (or SIGTERM) came while it held them."""
+
+    pending = False
+
+
+@contextmanager
+def held_interrupts() -> Iterator[_Held]:
+    """Hold SIGINT and SIGTERM during a store operation that must not be cut in half; the caller acts on `pending`.
+
+    Outside the main thread (signals are delivered there only) this holds nothing.
+    """
+    held = _Held()
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        held.pending = True
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_new(path: Path, overwrite: bool) -> None:
@@ -195,7 +241,7 @@ class _ResumePoint:
     cfg: RunConfig
     step: int  # of the checkpoint resumed from
     keep: dict[str, int]  # stream -> rows at or before `step`
-    checkpoint: bytes
+    checkpoint: bytes | None  # None: nothing was committed, start again from step 0
 
 
 def _resume(
@@ -207,55 +253,84 @@ def _resume(
     if point is None:  # the run is complete
         return path
     assert isinstance(point, _ResumePoint)
+    if point.checkpoint is None:  # killed before its first snapshot: nothing committed is lost by starting over
+        _start_new(point.cfg, path, dev, dist, observers, overwrite=True)
+        return path
     trainer, recorder, _ = prepare(point.cfg, dev, dist)
-    writer = _on_main(dist, dev, lambda: _reopen(path, point.keep, recorder, point.step))
-    try:
-        extra = trainer.restore(point.checkpoint)
-        recorder.load_state(extra.get("probes", {}))
-    except BaseException:
+    checkpoint = point.checkpoint
+    extra = trainer.restore(checkpoint)  # before the store is touched: a bad checkpoint destroys nothing
+    recorder.load_state(extra.get("probes", {}))
+    with held_interrupts() as held:
+        writer = _on_main(dist, dev, lambda: _reopen(path, point.keep, recorder, point.step))
+    if held.pending:
         if writer is not None:
-            writer.close_after_failure("failed")
-        raise
+            writer.close("interrupted")
+        raise Interrupted(path)
     recorder.resume(point.keep)
     _train(trainer, recorder, writer, path, observers)
     return path
 
 
 def _resume_point(cfg: RunConfig | None, path: Path) -> _ResumePoint | None:
-    """The last committed checkpoint of the store at `path` (None when the run is complete); raises on bad input."""
-    reader = StoreReader(path)
+    """The last intact committed checkpoint of the store at `path` (None when the run is complete).
+
+    Reads and loads the checkpoint before anything is changed: a damaged newest checkpoint falls
+    back to the one before (with a warning); a store with no committed snapshot starts over.
+    """
+    reader = StoreReader(path, check_checkpoint=False)
     stored = from_dict(reader.config)
     if cfg is not None and to_dict(cfg) != to_dict(stored):
         changed = _first_difference(to_dict(cfg), to_dict(stored))
         raise ConfigError(f"--resume: the config differs from the store's at {changed}; resume without a CONFIG")
     if reader.attrs.get("status") == "complete":
         return None
+    nothing_committed = not any(reader.committed(s) for s in reader.streams())
+    if nothing_committed or reader.attrs.get("status") == "initializing":
+        return _ResumePoint(stored, -1, {}, None)
     if stored.record.params.every_epochs == 0:
         raise StoreError(
             f"{path} records no parameter snapshots (record.params.every_epochs = 0), so it cannot be "
             "resumed; record it again with --overwrite"
         )
-    if not reader.has("params") or reader.committed("params") == 0:
-        raise StoreError(
-            f"{path} was stopped before its first parameter snapshot was committed; record it again with --overwrite"
-        )
+    if reader.committed("params") == 0:
+        return _ResumePoint(stored, -1, {}, None)
     committed_steps = set(reader.array("params/step").tolist())
     usable = [s for s in reader.checkpoint_steps() if s in committed_steps]
-    if not usable:
-        raise StoreError(f"{path} has no committed checkpoint to resume from; record it again with --overwrite")
-    last = usable[-1]
-    keep = {s: int((reader.array(f"{s}/step") <= last).sum()) for s in reader.streams()}
-    return _ResumePoint(stored, last, keep, reader.checkpoint(last))
+    damaged: list[str] = []
+    for last in reversed(usable):
+        try:
+            payload = reader.checkpoint(last)
+            _check_loadable(payload)
+        except (GentraceError, Exception) as exc:  # noqa: BLE001 - any unreadable checkpoint: try the one before
+            damaged.append(f"step {last} ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})")
+            continue
+        if damaged:
+            sys.stderr.write(
+                f"warning: {path}: the checkpoint of {damaged[0]} is damaged; resuming from the one of step {last}\n"
+            )
+        keep = {s: int((reader.array(f"{s}/step") <= last).sum()) for s in reader.streams()}
+        return _ResumePoint(stored, last, keep, payload)
+    why = f" (damaged: {', '.join(damaged)})" if damaged else ""
+    raise StoreError(
+        f"{path} has no intact committed checkpoint to resume from{why}; nothing was changed. "
+        "Record it again with --overwrite"
+    )
+
+
+def _check_loadable(payload: bytes) -> None:
+    """Raise unless `payload` deserializes to a training checkpoint (Trainer.checkpoint's layout)."""
+    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or not {"models", "optimizer", "step"} <= set(state):
+        raise ValueError("not a gentrace training checkpoint")
 
 
 def _reopen(path: Path, keep: dict[str, int], recorder: Recorder, last: int) -> StoreWriter:
     """Lock the store, cut every stream back to the rows at or before checkpoint `last`, drop later checkpoints."""
     writer = open_for_resume(path)
     try:
-        for stream, rows in keep.items():
-            writer.truncate(stream, rows)
+        writer.truncate(keep)
         writer.declare(recorder.streams())
-        writer.prune_checkpoints(keep_step=last)
+        writer.prune_checkpoints(upto=last)
     except BaseException:
         writer.close_after_failure("failed")
         raise
@@ -275,11 +350,12 @@ def _train(
         with recorder:
             trainer.run(recorder, observers)
     except KeyboardInterrupt:
-        try:
-            recorder.flush()
-        finally:
-            if writer is not None:
-                writer.close_after_failure("interrupted")
+        with held_interrupts():  # a second Ctrl-C must not cut the flush short
+            try:
+                recorder.flush()
+            finally:
+                if writer is not None:
+                    writer.close_after_failure("interrupted")
         raise Interrupted(path) from None
     except TrainingDiverged:
         try:
@@ -292,8 +368,11 @@ def _train(
         if writer is not None:
             writer.close_after_failure("failed")
         raise
-    if writer is not None:
-        writer.close("complete")
+    with held_interrupts() as held:  # Ctrl-C during the final close: finish it, then report `interrupted`
+        if writer is not None:
+            writer.close("complete", final_status=lambda status: "interrupted" if held.pending else status)
+    if held.pending:
+        raise Interrupted(path)
 
 
 def _first_difference(a: dict[str, object], b: dict[str, object], prefix: str = "") -> str:

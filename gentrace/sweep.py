@@ -193,7 +193,7 @@ def expand_stores(paths: Sequence[Path]) -> list[Path]:
     """Stores named directly, and the stores inside a sweep directory (manifest order, else by name)."""
     found: list[Path] = []
     for path in map(Path, paths):
-        if (path / "zarr.json").exists() or not path.is_dir():
+        if (path / "zarr.json").exists() or not path.is_dir() or _lost_its_root(path):
             found.append(path)  # StoreReader says what is wrong with a path that is not a store
             continue
         manifest = path / MANIFEST
@@ -206,6 +206,11 @@ def expand_stores(paths: Sequence[Path]) -> list[Path]:
             raise StoreError(f"{path} is neither a gentrace store nor a sweep directory holding stores")
         found.extend(inside)
     return found
+
+
+def _lost_its_root(path: Path) -> bool:
+    """A store whose root zarr.json is gone (its `data` group is still there), not a sweep directory."""
+    return (path / "data" / "zarr.json").exists() or (path / "checkpoints").is_dir()
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

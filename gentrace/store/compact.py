@@ -35,7 +35,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from gentrace.errors import StoreError
-from gentrace.store import schema
+from gentrace.store import rootmeta, schema
 from gentrace.store.lock import StoreLock
 from gentrace.store.reader import StoreReader, disk_usage
 
@@ -108,10 +108,9 @@ def compact(
                 f"{store} is a {status} run that `gentrace record --resume` can continue; compacting it "
                 "ends that. Resume it first, or pass --final to compact it as it is"
             )
-        root = zarr.open_group(LocalStore(store), mode="r+", zarr_format=3)
         # Set before any array changes: a store with it set refuses --resume and new readers until a
         # `gentrace compact` finishes the job (a half-sharded store must never get per-row writes).
-        root.attrs.update({schema.COMPACTING_ATTR: True})
+        rootmeta.update_attrs(store, {schema.COMPACTING_ATTR: True})
         files_before, bytes_before = disk_usage(store)
         start = time.perf_counter()
         done = 0
@@ -123,9 +122,10 @@ def compact(
                 if on_array is not None:
                     on_array(array_path)
         shutil.rmtree(staging_dir(store), ignore_errors=True)
-        previous = root.attrs.get("compacted")
+        previous = reader.attrs.get("compacted")
         arrays = done + (int(previous["arrays"]) if isinstance(previous, dict) else 0)
-        root.attrs.update({"compacted": {"shard_bytes": shard_bytes, "arrays": arrays}, schema.COMPACTING_ATTR: False})
+        compacted = {"shard_bytes": shard_bytes, "arrays": arrays}
+        rootmeta.update_attrs(store, {"compacted": compacted, schema.COMPACTING_ATTR: False})
         files_after, bytes_after = disk_usage(store)
         return CompactReport(done, files_before, files_after, bytes_before, bytes_after, time.perf_counter() - start)
     finally:
@@ -162,6 +162,7 @@ def _compact_array(store: Path, reader: StoreReader, array_path: str, rows: int,
         attributes=dict(old.attrs),
         chunk_key_encoding={"name": "default", "separator": "."},
         zarr_format=3,
+        config={"write_empty_chunks": True},  # every inner chunk present: a missing one is damage
     )
     for begin in range(0, shape[0], shards[0]):  # one shard at a time: memory stays ~shard_bytes
         end = min(shape[0], begin + shards[0])

@@ -8,6 +8,7 @@ live run sees it grow.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from gentrace.errors import MissingStreamError, SchemaVersionError, StoreError
+from gentrace.errors import DamagedStoreError, MissingStreamError, SchemaVersionError, StoreError
 from gentrace.store import schema
+from gentrace.store.integrity import CheckedArray, CheckedStore, checked, verify_hint
 from gentrace.store.lock import is_locked
 
 
@@ -28,11 +30,19 @@ def check_gentrace_store(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise StoreError(f"{path} does not exist")
     if not path.is_dir() or not meta_file.exists():
+        if path.is_dir() and any((child / "zarr.json").exists() for child in path.iterdir() if child.is_dir()):
+            raise DamagedStoreError(
+                f"{meta_file} is missing but the store's arrays are there: the store is damaged "
+                "(its config, status and committed rows were in that file); record the run again"
+            )
         raise StoreError(f"{path} is not a gentrace store (no zarr.json); give the directory `gentrace record` wrote")
     try:
-        attrs = json.loads(meta_file.read_text()).get("attributes", {})
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"{meta_file} cannot be read ({exc}); the store is damaged") from None
+        parsed = json.loads(meta_file.read_text())
+        attrs = parsed.get("attributes", {})
+        if not isinstance(attrs, dict):
+            raise ValueError("its attributes are not a JSON object")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DamagedStoreError(f"{meta_file} cannot be read ({str(exc)[:160]}); the store is damaged") from None
     if attrs.get("format") != schema.FORMAT_NAME:
         raise StoreError(f"{path} is a Zarr store but not a gentrace store (no format attribute 'gentrace')")
     version = attrs.get("schema_version")
@@ -57,7 +67,7 @@ class StoreReader:
         path: the store directory.
     """
 
-    def __init__(self, path: Path | str, *, compacting_ok: bool = False) -> None:
+    def __init__(self, path: Path | str, *, compacting_ok: bool = False, check_checkpoint: bool = True) -> None:
         self.path = Path(path)
         attrs = check_gentrace_store(self.path)
         if attrs.get(schema.COMPACTING_ATTR) and not compacting_ok:
@@ -65,7 +75,34 @@ class StoreReader:
                 f"{self.path} is being compacted (or its compaction was killed); wait for `gentrace compact` "
                 "to finish, or run it again"
             )
-        self._root = zarr.open_group(LocalStore(self.path, read_only=True), mode="r", zarr_format=3)
+        self.checked = int(attrs.get("schema_version", 1)) >= schema.CHECKSUM_SCHEMA_VERSION
+        store = (
+            CheckedStore(self.path, rows_of=self._rows_required)
+            if self.checked
+            else LocalStore(self.path, read_only=True)
+        )
+        self._root = zarr.open_group(store, mode="r", zarr_format=3)
+        if check_checkpoint:  # `--resume` and `verify` look at every checkpoint themselves
+            self._check_checkpoint(attrs)
+
+    def _check_checkpoint(self, attrs: dict[str, Any]) -> None:
+        """The checkpoint the store says it resumes from must be there (a cheap stat; `verify` reads it)."""
+        step = attrs.get(schema.CHECKPOINT_ATTR)
+        if not isinstance(step, int) or step < 0:
+            return
+        where = self.path / schema.CHECKPOINT_GROUP / schema.checkpoint_name(step)
+        if not ((where / "zarr.json").is_file() and any(where.glob("c*"))):
+            raise DamagedStoreError(
+                f"{self.path}: the checkpoint of step {step} ({where.relative_to(self.path)}) is missing; "
+                f"{verify_hint(self.path)}"
+            )
+
+    def _rows_required(self, path: str) -> int:
+        """Rows of `path` whose chunks must exist: the committed rows of a stream, every row otherwise."""
+        stream = path.split("/", 1)[0]
+        if stream in self.streams() and path in self.streams()[stream]:
+            return self.committed(stream)
+        return sys.maxsize
 
     # -- attributes ---------------------------------------------------------------------------
     @property
@@ -125,13 +162,27 @@ class StoreReader:
         array = self.lazy(path)
         return np.asarray(array[: self._rows_of(path, array)])
 
-    def lazy(self, path: str) -> zarr.Array:
-        """The zarr array itself (re-opened), for chunked reads; slice it to `rows(path)` yourself."""
+    def lazy(self, path: str) -> CheckedArray:
+        """The zarr array itself (re-opened), for chunked reads; slice it to `rows(path)` yourself.
+
+        Reads of damaged chunks raise DamagedStoreError (gentrace.store.integrity).
+        """
+        listed = any(path in paths for paths in self.streams().values())
         try:
             node = zarr.open_array(self._root.store, path=path, mode="r", zarr_format=3)
-        except (KeyError, FileNotFoundError, zarr.errors.ArrayNotFoundError) as exc:
-            raise MissingStreamError(f"{self.path} has no array {path}") from exc
-        return node
+        except (KeyError, FileNotFoundError, zarr.errors.ArrayNotFoundError, zarr.errors.NodeTypeValidationError):
+            if listed:
+                raise DamagedStoreError(
+                    f"{self.path}: the array {path} of this run is missing (no {path}/zarr.json); "
+                    f"{verify_hint(self.path)}"
+                ) from None
+            raise MissingStreamError(f"{self.path} has no array {path}") from None
+        except Exception as exc:  # noqa: BLE001 - unreadable metadata (bad JSON, wrong fields) is damage
+            raise DamagedStoreError(
+                f"{self.path}: the metadata file {path}/zarr.json cannot be read ({str(exc).splitlines()[0][:120]}); "
+                f"{verify_hint(self.path)}"
+            ) from None
+        return checked(node)
 
     def rows(self, path: str) -> int:
         """Committed rows of the array at `path`."""
@@ -148,7 +199,12 @@ class StoreReader:
         stream = path.split("/", 1)[0]
         if stream == "data" or stream not in self.streams():
             return int(array.shape[0])
-        return min(self.committed(stream), int(array.shape[0]))
+        committed = self.committed(stream)
+        if int(array.shape[0]) < committed:
+            raise DamagedStoreError(
+                f"{self.path}: {path} has {array.shape[0]} rows but {committed} are committed; {verify_hint(self.path)}"
+            )
+        return committed
 
     def checkpoint_steps(self) -> list[int]:
         """Steps that have a resume checkpoint on disk (committed or not: compare with params/step)."""
@@ -171,7 +227,9 @@ class StoreReader:
             raise StoreError(
                 f"{self.path} has no checkpoint for step {step}; it cannot be resumed from there"
             ) from None
-        return np.asarray(node[...]).tobytes()
+        except Exception as exc:  # noqa: BLE001 - unreadable metadata is damage
+            raise DamagedStoreError(f"{self.path}: the checkpoint of step {step} is damaged ({exc})") from None
+        return np.asarray(checked(node)[...]).tobytes()
 
     def array_paths(self) -> list[str]:
         """Every array in the store (static and streamed)."""

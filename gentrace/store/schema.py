@@ -22,11 +22,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import google_crc32c
 import numcodecs
 import numpy as np
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-SCHEMA_VERSION = 1
+# 2: every chunk ends with a crc32c checksum and every chunk inside the committed rows exists
+# (arrays are written with write_empty_chunks); 1 (earlier stores) is read without those checks.
+SCHEMA_VERSION = 2
+CHECKSUM_SCHEMA_VERSION = 2
 FORMAT_NAME = "gentrace"
 
 # One chunk should hold about this many bytes at most (SPEC section 3: split above ~4 MiB).
@@ -59,20 +63,43 @@ _BLOSC_SHUFFLE = {
 
 
 def zarr_codecs(kind: str) -> list[Any]:
-    """The zarr v3 compressors of a stream kind (array metadata)."""
+    """The zarr v3 bytes-to-bytes codecs of a stream kind (array metadata): compressor, then crc32c.
+
+    The crc32c codec (zarr v3 core) appends a 4-byte little-endian checksum of the compressed
+    bytes to every chunk; zarr verifies it on every read, so a flipped byte or a truncated chunk
+    is an error, never a number.
+    """
     compressor, cname, level, shuffle = CODEC_PARAMS[kind]
     if compressor == "blosc":
-        return [BloscCodec(cname=cname, clevel=level, shuffle=shuffle)]
-    return [ZstdCodec(level=level)]
+        return [BloscCodec(cname=cname, clevel=level, shuffle=shuffle), Crc32cCodec()]
+    return [ZstdCodec(level=level), Crc32cCodec()]
 
 
-def chunk_encoder(kind: str) -> Any:
-    """The same codec as a numcodecs encoder: the bytes zarr's pipeline [bytes (little endian), codec] writes."""
-    compressor, cname, level, shuffle = CODEC_PARAMS[kind]
-    if compressor == "blosc":
-        assert shuffle is not None
-        return numcodecs.Blosc(cname=cname, clevel=level, shuffle=_BLOSC_SHUFFLE[shuffle])
-    return numcodecs.Zstd(level=level)
+class ChunkEncoder:
+    """The same pipeline as a plain function: the bytes zarr writes for [bytes (little endian), codec, crc32c]."""
+
+    def __init__(self, kind: str) -> None:
+        compressor, cname, level, shuffle = CODEC_PARAMS[kind]
+        if compressor == "blosc":
+            assert shuffle is not None
+            self._codec: Any = numcodecs.Blosc(cname=cname, clevel=level, shuffle=_BLOSC_SHUFFLE[shuffle])
+        else:
+            self._codec = numcodecs.Zstd(level=level)
+
+    def encode(self, values: np.ndarray) -> bytes:
+        """Compressed bytes of `values` (little endian, C order) followed by their crc32c."""
+        compressed = bytes(self._codec.encode(values))
+        return compressed + with_checksum_suffix(compressed)
+
+
+def with_checksum_suffix(payload: bytes) -> bytes:
+    """The 4 bytes zarr's crc32c codec appends to `payload`: its crc32c as little-endian uint32."""
+    return int(google_crc32c.value(payload)).to_bytes(4, "little")
+
+
+def chunk_encoder(kind: str) -> ChunkEncoder:
+    """The encoder of the writer's direct whole-row chunk path (see ChunkEncoder)."""
+    return ChunkEncoder(kind)
 
 
 CODECS: dict[str, Any] = {kind: functools.partial(zarr_codecs, kind) for kind in CODEC_PARAMS}
@@ -274,6 +301,10 @@ def lipschitz_fine_stream(rows: int, replicates: int) -> StreamSpec:
 
 
 CHECKPOINT_GROUP = "checkpoints"
+# Root attr: the step of the newest committed checkpoint (the one `--resume` continues from).
+CHECKPOINT_ATTR = "checkpoint_step"
+# Checkpoints kept on disk: the newest and the one before, so a damaged newest one still resumes.
+CHECKPOINTS_KEPT = 2
 
 # Root attr `gentrace compact` sets before it changes any array and clears when every array is done:
 # while set, readers and `--resume` refuse the store (half of its arrays may be sharded already).

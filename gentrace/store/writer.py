@@ -7,6 +7,13 @@ any), and only then raises the stream's `committed` counter in the root attrs. z
 store replaces files atomically, so after a SIGKILL every committed row is whole, and readers
 (which slice to `committed`) never see a torn row. A writer exception is re-raised in the
 training thread at the next `put` or at `close`.
+
+Every multi-step operation is ordered so that a kill at any point leaves the committed rows whole
+and repeating the operation finishes it: a state change (status, counters, checkpoint step) is
+one atomic rewrite of the root `zarr.json` (gentrace.store.rootmeta); resume's truncation lowers
+`committed` before it deletes anything; a shrinking resize writes the array's new metadata before
+it deletes the chunk files past it. Every chunk carries a crc32c checksum (schema.zarr_codecs) and
+every chunk of the committed rows exists, so a reader can tell damage from data.
 """
 
 from __future__ import annotations
@@ -14,13 +21,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
+import math
 import os
 import queue
+import re
 import shutil
 import socket
 import threading
 import time
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +39,19 @@ from typing import Any
 import numpy as np
 import zarr
 import zarr.api.asynchronous
+from zarr.core.array_spec import ArrayConfig
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from gentrace.errors import StoreError, WriterError
-from gentrace.store import schema
+from gentrace.store import rootmeta, schema
 from gentrace.store.lock import StoreLock
-from gentrace.store.reader import check_gentrace_store
+from gentrace.store.reader import check_gentrace_store, disk_usage
 
 CHECKPOINT_DIR = schema.CHECKPOINT_GROUP
+# Every chunk is written, even one that holds only fill values: a missing chunk is then always damage.
+WRITE_CONFIG = ArrayConfig(order="C", write_empty_chunks=True)
+CHUNK_FILE = re.compile(r"^c\.(\d+)(\.\d+)*$")
 
 
 @dataclass
@@ -64,6 +78,7 @@ class RowBlock:
 class _Finish:
     status: str
     resize: bool
+    final_status: Callable[[str], str] | None = None
 
 
 @dataclass
@@ -89,48 +104,92 @@ def create_store(
     *,
     overwrite: bool = False,
 ) -> StoreWriter:
-    """Create a new store at `path` (refusing an existing path unless `overwrite`), locked for writing."""
+    """Create a new store at `path` (refusing an existing path unless `overwrite`), locked for writing.
+
+    The root `zarr.json` is written first, whole, with status `initializing`: a kill at any later
+    point leaves a store that `--resume` recognizes and starts again from step 0. Replacing an
+    existing store marks it `initializing` before anything of it is deleted.
+    """
     path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise StoreError(f"{path} is a file, not a store directory; choose another --out path")
-        if not overwrite:
-            raise StoreError(f"{path} already exists; pass --overwrite to replace it or --resume to continue it")
-        if any(path.iterdir()):
-            check_gentrace_store(path)  # never delete a directory that is not one of ours
-        lock = StoreLock(path)
-        lock.acquire()
-        lock.release()
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
     lock = StoreLock(path)
-    lock.acquire()
     try:
-        # All attrs in the group's first write: a kill can never leave a bare, unclaimable zarr.json.
-        root = zarr.open_group(
-            LocalStore(path),
-            mode="a",
-            zarr_format=3,
-            attributes={
-                "writer_process": _process_name(),
-                "format": schema.FORMAT_NAME,
-                "schema_version": schema.SCHEMA_VERSION,
-                **attrs,
-                "status": "initializing",
-                "created": now(),
-                "committed": {},
+        if path.exists():
+            if not path.is_dir():
+                raise StoreError(f"{path} is a file, not a store directory; choose another --out path")
+            if not overwrite:
+                raise StoreError(f"{path} already exists; pass --overwrite to replace it or --resume to continue it")
+            if any(path.iterdir()):
+                check_gentrace_store(path)  # never delete a directory that is not one of ours
+            lock.acquire()
+            _clear(path)
+        else:
+            path.mkdir(parents=True)
+            lock.acquire()
+    except OSError as exc:
+        lock.release()
+        raise _os_error(exc, f"cannot create the store {path}", path) from None
+    try:
+        rootmeta.write(
+            path,
+            {
+                "zarr_format": 3,
+                "node_type": "group",
+                "attributes": {
+                    "writer_process": _process_name(),
+                    "format": schema.FORMAT_NAME,
+                    "schema_version": schema.SCHEMA_VERSION,
+                    **attrs,
+                    "status": "initializing",
+                    "created": now(),
+                    "committed": {},
+                },
             },
         )
+        root = zarr.open_group(LocalStore(path), mode="r+", zarr_format=3)
         for name, values in static.items():
             spec = schema.ArraySpec(name, values.shape[1:], values.dtype.name, "index", max(1, len(values)))
             _create_array(root, spec, len(values))[...] = values
         writer = StoreWriter(root, lock, path)
         writer.declare(streams)
-        root.attrs.update({"status": "running"})
+        writer.write_attrs({"status": "running"})
+    except OSError as exc:
+        lock.release()
+        raise _os_error(exc, f"creating the store {path} failed", path, resume=True) from None
     except BaseException:
         lock.release()
         raise
     return writer
+
+
+def _clear(path: Path) -> None:
+    """Empty an existing store for `--overwrite`: mark it `initializing` first, then delete all but zarr.json."""
+    if (path / rootmeta.ROOT_META).exists():
+        rootmeta.update_attrs(path, {"status": "initializing", "committed": {}})
+    for child in path.iterdir():
+        if child.name == rootmeta.ROOT_META:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _os_error(exc: OSError, what: str, store: Path, *, resume: bool = False) -> StoreError | WriterError:
+    """One line for a file-system failure: what failed, the file, why, and what to do."""
+    target = exc.filename or store
+    if exc.errno == errno.ENOSPC:
+        free = shutil.disk_usage(_existing_parent(Path(target))).free / 2**20
+        again = f"then run `gentrace record --resume --out {store}`" if resume else "then run it again"
+        return WriterError(f"{what}: the disk is full writing {target} ({free:.1f} MiB free); free space, {again}")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return StoreError(f"{what}: {target} is not writable ({exc.strerror}); choose a writable --out path")
+    return WriterError(f"{what}: {exc.strerror or exc} ({target})")
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def open_for_resume(path: Path) -> StoreWriter:
@@ -144,11 +203,18 @@ def open_for_resume(path: Path) -> StoreWriter:
         )
     lock = StoreLock(path)
     lock.acquire()
-    for leftover in path.rglob("*.partial"):
-        leftover.unlink(missing_ok=True)
-    root = zarr.open_group(LocalStore(path), mode="r+", zarr_format=3)
-    writer = StoreWriter(root, lock, path)
-    root.attrs.update({"status": "running", "writer_process": _process_name()})
+    try:
+        for leftover in path.rglob("*.partial"):
+            leftover.unlink(missing_ok=True)
+        root = zarr.open_group(LocalStore(path), mode="r+", zarr_format=3)
+        writer = StoreWriter(root, lock, path)
+        writer.write_attrs({"status": "running", "writer_process": _process_name()})
+    except OSError as exc:
+        lock.release()
+        raise _os_error(exc, f"cannot continue the store {path}", path, resume=True) from None
+    except BaseException:
+        lock.release()
+        raise
     return writer
 
 
@@ -166,7 +232,10 @@ async def _write_rows(array: zarr.Array, parts: list[tuple[int, np.ndarray]]) ->
             runs.append((start, [values]))
     for start, pieces in runs:
         values = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        await array.async_array.setitem(slice(start, start + len(values)), values)
+        try:
+            await array.async_array.setitem(slice(start, start + len(values)), values)
+        except OSError as exc:  # zarr's own writes do not say which file
+            raise OSError(exc.errno, exc.strerror, exc.filename or str(array.store_path)) from None
 
 
 def _process_name() -> str:
@@ -189,7 +258,7 @@ def _array_kwargs(spec: schema.ArraySpec, rows: int) -> dict[str, Any]:
 
 
 def _create_array(root: zarr.Group, spec: schema.ArraySpec, rows: int) -> zarr.Array:
-    return root.create_array(spec.path, **_array_kwargs(spec, rows))
+    return root.create_array(spec.path, **_array_kwargs(spec, rows)).with_config(WRITE_CONFIG)
 
 
 async def _create_arrays(store: LocalStore, specs: list[tuple[schema.ArraySpec, int]]) -> None:
@@ -210,18 +279,27 @@ class StoreWriter:
         self.path = path
         self._lock = lock
         self._arrays: dict[str, zarr.Array] = {}
-        attrs: dict[str, Any] = dict(root.attrs)
+        attrs: dict[str, Any] = dict(rootmeta.read(path).get("attributes", {}))
         self._streams: dict[str, list[str]] = dict(attrs.get("streams", {}))
         self.stats = WriterStats(committed=dict(attrs.get("committed", {})))
         previous = attrs.get("writer", {})
         self.stats.busy_s = float(previous.get("busy_s", 0.0))
         self.stats.bytes = int(previous.get("bytes", 0))
+        self._total_steps = int(attrs.get("total_steps", 0) or 0)
+        self._last_step = -1
+        self._checkpoint_step = attrs.get(schema.CHECKPOINT_ATTR)
+        # Chunk files written for rows not yet committed: deleted after a failure, to free a full disk.
+        self._uncommitted: list[Path] = []
         self._queue: queue.Queue[RowBlock | _Finish | None] = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._direct: dict[str, str | None] = {}
         # Blosc and file writes release the GIL: two threads overlap encoding with I/O.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gentrace-chunks")
+
+    def write_attrs(self, updates: Mapping[str, Any]) -> None:
+        """Change root attributes in one atomic rewrite of the root zarr.json (the only way this writer does)."""
+        rootmeta.update_attrs(self.path, updates)
 
     # -- set-up, on the calling thread before `start` -------------------------------------------
     def declare(self, streams: Iterable[schema.StreamSpec]) -> None:
@@ -231,31 +309,44 @@ class StoreWriter:
             self._streams[stream.name] = [spec.path for spec in stream.arrays]
             self.stats.committed.setdefault(stream.name, 0)
             for spec in stream.arrays:
-                if spec.path in self.root:
+                if (self.path / spec.path / "zarr.json").exists():
                     array = self._array(spec.path)
-                    if array.shape[0] < stream.rows:
+                    if array.shape[0] < stream.rows:  # growing deletes nothing
                         array.resize((stream.rows, *array.shape[1:]))
+                        self._arrays.pop(spec.path)
                 else:
                     new.append((spec, stream.rows))
         if new:
             store = self.root.store
             assert isinstance(store, LocalStore)
             sync(_create_arrays(store, new))
-        self.root.attrs.update({"streams": self._streams, "committed": self.stats.committed})
+        self.write_attrs({"streams": self._streams, "committed": self.stats.committed})
 
-    def truncate(self, stream: str, rows: int) -> None:
-        """Forget rows >= `rows` of a stream (resume keeps only rows up to the checkpoint)."""
-        keep = self.stats.committed[stream] = min(rows, self.stats.committed.get(stream, 0))
-        for path in self._streams.get(stream, []):
-            array = self._array(path)
-            # resize drops whole chunks only: cut rows sharing the last kept chunk become fill values,
-            # so a plain zarr reader never mistakes them for data when the array regrows.
-            end = min(array.shape[0], -(-keep // array.chunks[0]) * array.chunks[0])
-            if end > keep:
-                array[keep:end] = array.fill_value
-            array.resize((keep, *array.shape[1:]))
-            self._arrays.pop(path)
-        self.root.attrs.update({"committed": self.stats.committed})
+    def truncate(self, keep: Mapping[str, int]) -> None:
+        """Forget the rows of each stream from `keep[stream]` on (resume keeps only rows up to its checkpoint).
+
+        Crash-safe and repeatable: first every counter is lowered in one atomic write (the cut rows
+        are then invisible), then the cut rows are cleared: fill values where they share a chunk
+        with kept rows, their chunk files deleted otherwise. Array shapes never shrink here.
+        """
+        for stream, rows in keep.items():
+            self.stats.committed[stream] = min(rows, self.stats.committed.get(stream, 0))
+        self.write_attrs({"committed": self.stats.committed})
+        for stream in keep:
+            kept = self.stats.committed[stream]
+            for path in self._streams.get(stream, []):
+                if (self.path / path / "zarr.json").exists():
+                    self._clear_rows(path, kept)
+
+    def _clear_rows(self, path: str, first: int) -> None:
+        """Fill rows `first..` of the chunk holding row `first`; delete every chunk file after it."""
+        array = self._array(path)
+        per_chunk = int(array.chunks[0])
+        whole = -(-first // per_chunk)  # first chunk index wholly past the kept rows
+        end = min(int(array.shape[0]), whole * per_chunk)
+        if end > first:
+            array[first:end] = array.fill_value
+        _delete_chunks_from(self.path / path, whole)
 
     def start(self) -> None:
         """Start the background thread; from now on only it touches zarr."""
@@ -267,16 +358,24 @@ class StoreWriter:
         """Queue a block; blocks while the queue is full; re-raises a writer failure."""
         self._enqueue(block)
 
-    def close(self, status: str) -> None:
-        """Write everything queued, set `status` (resizing arrays to committed on `complete`), release."""
+    def close(self, status: str, final_status: Callable[[str], str] | None = None) -> None:
+        """Write everything queued, set `status` (resizing arrays to committed on `complete`), release.
+
+        `final_status`, when given, is asked at the moment the status is written (it turns a
+        `complete` into `interrupted` when Ctrl-C came during the close).
+        """
+        finish = _Finish(status, resize=status == "complete", final_status=final_status)
         try:
             if self._thread is not None and self._thread.is_alive():
                 # The thread drains the queue even after a failure, so these puts never hang.
-                self._enqueue(_Finish(status, resize=status == "complete"), check=False)
+                self._enqueue(finish, check=False)
                 self._enqueue(None, check=False)
                 self._thread.join()
             elif self._error is None:
-                self._finish(_Finish(status, resize=status == "complete"))
+                try:
+                    self._finish(finish)
+                except BaseException as exc:  # noqa: BLE001 - reported below like a writer failure
+                    self._error = exc
             if self._error is not None:
                 self._mark_failed()
             self._raise_if_failed()
@@ -285,9 +384,16 @@ class StoreWriter:
             self._lock.release()
 
     def _mark_failed(self) -> None:
-        # The disk may be full: then the status stays as it was, and the committed counters still hold.
+        """Status `failed` with the reason; first free what the failed batch left (a full disk needs the room)."""
+        for leftover in self._uncommitted:
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+        self._uncommitted.clear()
+        for leftover in self.path.rglob("*.partial"):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
         with contextlib.suppress(Exception):
-            self.root.attrs.update({"status": "failed", "finished": now()})
+            self.write_attrs({"status": "failed", "finished": now(), "error": self._message()})
 
     def close_after_failure(self, status: str) -> None:
         """Best-effort close when training already failed: keep what is committed, never mask the error."""
@@ -308,9 +414,30 @@ class StoreWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            error = self._error
-            detail = f"{error.strerror}: {error.filename}" if isinstance(error, OSError) else repr(error)
-            raise WriterError(f"writing the store {self.path} failed ({detail}); rows committed before are kept")
+            raise WriterError(self._message())
+
+    def _message(self) -> str:
+        """One line on the writer's failure: the file, why, how much room the run needs, how to continue."""
+        error = self._error
+        resume = f"`gentrace record --resume --out {self.path}`"
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            target = Path(error.filename or self.path)
+            free = shutil.disk_usage(_existing_parent(target)).free / 2**20
+            need = self._space_needed()
+            needed = f"; the rest of the run needs about {need / 2**20:.1f} MiB more" if need else ""
+            return (
+                f"the disk is full: writing {target} failed ({free:.1f} MiB free{needed}); rows committed before "
+                f"are kept: free space, then continue with {resume}"
+            )
+        detail = f"{error.strerror}: {error.filename or self.path}" if isinstance(error, OSError) else repr(error)
+        return f"writing the store {self.path} failed ({detail}); rows committed before are kept (continue: {resume})"
+
+    def _space_needed(self) -> int:
+        """Bytes the rest of the run will take, from the bytes on disk so far and the steps committed."""
+        if self._last_step <= 0 or self._total_steps <= self._last_step:
+            return 0
+        used = disk_usage(self.path)[1]
+        return math.ceil(used * (self._total_steps - self._last_step) / self._last_step)
 
     # -- background thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -366,10 +493,19 @@ class StoreWriter:
             for start, values in rows
             for i in range(len(values))
         ]
+        errors: list[BaseException] = []
         if zarr_parts:
-            sync(_gather(zarr_parts))
+            try:
+                sync(_gather(zarr_parts))
+            except BaseException as exc:  # noqa: BLE001 - raised once every chunk write has ended
+                errors.append(exc)
         for future in futures:
-            future.result()
+            try:
+                future.result()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+        if errors:
+            raise errors[0]
         for block in blocks:
             if block.checkpoint is not None:
                 self._write_checkpoint(block.checkpoint, block.checkpoint_step)
@@ -385,25 +521,33 @@ class StoreWriter:
         for block in blocks:
             stop = block.start + block.rows
             self.stats.committed[block.stream] = max(stop, self.stats.committed.get(block.stream, 0))
-        self._commit()
+            steps = block.arrays.get(f"{block.stream}/step")
+            if steps is not None and len(steps):
+                self._last_step = max(self._last_step, int(np.max(steps)))
         checkpoints = [b.checkpoint_step for b in blocks if b.checkpoint is not None]
         if checkpoints:
-            self.prune_checkpoints(keep_step=checkpoints[-1])
+            self._checkpoint_step = checkpoints[-1]
+        self._commit()
+        self._uncommitted.clear()
+        if checkpoints:
+            self.prune_checkpoints(upto=checkpoints[-1])
         blocks.clear()
         self.stats.busy_s += time.perf_counter() - t0
 
+    def _commit_attrs(self) -> dict[str, Any]:
+        return {
+            "committed": self.stats.committed,
+            schema.CHECKPOINT_ATTR: self._checkpoint_step,
+            "writer": {
+                "busy_s": round(self.stats.busy_s, 4),
+                "blocks": self.stats.blocks,
+                "bytes": self.stats.bytes,
+            },
+        }
+
     def _commit(self) -> None:
         # The root zarr.json is replaced atomically: either the old or the new counters are visible.
-        self.root.attrs.update(
-            {
-                "committed": self.stats.committed,
-                "writer": {
-                    "busy_s": round(self.stats.busy_s, 4),
-                    "blocks": self.stats.blocks,
-                    "bytes": self.stats.bytes,
-                },
-            }
-        )
+        self.write_attrs(self._commit_attrs())
 
     def _finish(self, item: _Finish) -> None:
         if item.resize:
@@ -412,23 +556,30 @@ class StoreWriter:
                 for path in paths:
                     array = self._array(path)
                     if array.shape[0] != rows:
-                        array.resize((rows, *array.shape[1:]))
-        self._commit()
-        self.root.attrs.update({"status": item.status, "finished": now()})
+                        # Metadata first, then the chunk files past it: a kill in between leaves
+                        # only unreferenced files, never a shape below the committed rows.
+                        sync(array.async_array.resize((rows, *array.shape[1:]), delete_outside_chunks=False))
+                        self._arrays.pop(path)
+                        _delete_chunks_from(self.path / path, -(-rows // int(array.chunks[0])))
+        status = item.final_status(item.status) if item.final_status is not None else item.status
+        self.write_attrs({**self._commit_attrs(), "status": status, "finished": now()})
 
     def _row_chunks(self, path: str) -> str | None:
         """The codec of an array whose chunks are whole rows (the direct path), else None.
 
         zarr's generic write costs ~1 ms per chunk in Python (codec pipeline, event loop hops);
-        a whole-row chunk needs none of it: encode the row with the array's own codec and write
-        the chunk file. Those chunks are never rewritten once committed, and a chunk torn by a
-        kill belongs to an uncommitted row, which resume deletes, so no temporary file is needed.
+        a whole-row chunk needs none of it: encode the row with the array's own codecs (crc32c
+        included) and write the chunk file. Those chunks are never rewritten once committed, and a
+        chunk torn by a kill belongs to an uncommitted row, which resume deletes, so no temporary
+        file is needed.
         """
         if path not in self._direct:
             array = self._array(path)
             codec = array.attrs.get("gentrace_codec")
             whole = array.chunks[0] == 1 and tuple(array.chunks[1:]) == tuple(array.shape[1:])
-            self._direct[path] = str(codec) if whole and codec in schema.CHUNK_ENCODERS else None
+            checksummed = any(type(c).__name__ == "Crc32cCodec" for c in array.compressors)
+            ok = whole and checksummed and codec in schema.CHUNK_ENCODERS
+            self._direct[path] = str(codec) if ok else None
         return self._direct[path]
 
     def _write_chunk(self, path: str, row: int, values: np.ndarray) -> None:
@@ -437,30 +588,57 @@ class StoreWriter:
         assert codec is not None
         key = array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1))
         target = self.path / path / key
-        target.parent.mkdir(parents=True, exist_ok=True)
         dtype = np.dtype(array.dtype).newbyteorder("<")
         encoded = schema.CHUNK_ENCODERS[codec]().encode(np.ascontiguousarray(values, dtype=dtype))
-        target.write_bytes(encoded)
+        self._uncommitted.append(target)
+        try:
+            target.write_bytes(encoded)
+        except OSError as exc:  # name the file: a full disk's OSError from write() has none
+            raise OSError(exc.errno, exc.strerror, str(target)) from None
 
     def _write_checkpoint(self, payload: bytes, step: int) -> None:
         # A plain uint8 array (one chunk) keeps the store pure Zarr; it is complete before the commit.
         values = np.frombuffer(payload, dtype=np.uint8)
         spec = schema.checkpoint_array(step, len(values))
-        _create_array(self.root, spec, len(values))[...] = values
+        self._uncommitted.append(self.path / spec.path)
+        try:
+            _create_array(self.root, spec, len(values))[...] = values
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, exc.filename or str(self.path / spec.path)) from None
 
-    def prune_checkpoints(self, keep_step: int) -> None:
-        """Delete every checkpoint but the one at `keep_step` (only the latest committed one is needed)."""
-        if CHECKPOINT_DIR not in self.root:
+    def prune_checkpoints(self, upto: int) -> None:
+        """Keep the newest `schema.CHECKPOINTS_KEPT` checkpoints at or before step `upto`; delete the rest.
+
+        Checkpoints after `upto` belong to rows resume cut away. Two are kept so that a damaged
+        newest checkpoint still leaves one to resume from.
+        """
+        directory = self.path / CHECKPOINT_DIR
+        if not directory.is_dir():
             return
-        group = self.root[CHECKPOINT_DIR]
-        assert isinstance(group, zarr.Group)
-        for name in list(group.array_keys()):
-            if name != schema.checkpoint_name(keep_step):
-                del group[name]
+        steps = sorted(_checkpoint_step_of(child.name) for child in directory.iterdir() if child.is_dir())
+        keep = set([s for s in steps if 0 <= s <= upto][-schema.CHECKPOINTS_KEPT :])
+        for step in steps:
+            if step not in keep:
+                shutil.rmtree(directory / schema.checkpoint_name(step), ignore_errors=True)
 
     def _array(self, path: str) -> zarr.Array:
         if path not in self._arrays:
-            array = self.root[path]
-            assert isinstance(array, zarr.Array)
-            self._arrays[path] = array
+            array = zarr.open_array(self.root.store, path=path, mode="r+", zarr_format=3)
+            self._arrays[path] = array.with_config(WRITE_CONFIG)
         return self._arrays[path]
+
+
+def _checkpoint_step_of(name: str) -> int:
+    """`step-0000000015` -> 15 (-1 for anything else)."""
+    prefix, _, digits = name.partition("-")
+    return int(digits) if prefix == "step" and digits.isdigit() else -1
+
+
+def _delete_chunks_from(array_dir: Path, first_chunk: int) -> None:
+    """Delete the chunk files of `array_dir` whose first grid index is `first_chunk` or later."""
+    if not array_dir.is_dir():
+        return
+    for child in array_dir.iterdir():
+        match = CHUNK_FILE.match(child.name)
+        if match is not None and int(match.group(1)) >= first_chunk:
+            child.unlink(missing_ok=True)

@@ -1,0 +1,56 @@
+"""The root `zarr.json` of a store: read it, and change its attributes in one atomic rewrite.
+
+Every state change of a store (status, committed counters, the checkpoint resumed from, the
+compaction flag) is one call of `update_attrs`: the whole new file is written next to the old one
+and renamed over it, so a reader or a kill sees either the old attributes or the new ones, never
+half of a change (zarr's `attrs.update` rewrites the file once per key). The store's writer is
+the only process that calls it (it holds the store lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ROOT_META = "zarr.json"
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The parsed root `zarr.json` of the store directory `path` (raises OSError, ValueError)."""
+    parsed = json.loads((Path(path) / ROOT_META).read_text())
+    if not isinstance(parsed, dict):
+        raise ValueError("the root zarr.json is not a JSON object")
+    return parsed
+
+
+def update_attrs(path: Path, updates: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge `updates` into the root attributes in one atomic file replacement; returns the new attributes."""
+    meta = read(path)
+    attributes = dict(meta.get("attributes", {}))
+    attributes.update(updates)
+    meta["attributes"] = attributes
+    write(path, meta)
+    return attributes
+
+
+def write(path: Path, meta: Mapping[str, Any]) -> None:
+    """Replace the root `zarr.json` with `meta` atomically (temporary file in the same directory, then rename).
+
+    An OSError names the file; the temporary file is removed on failure (a full disk leaves nothing).
+    """
+    target = Path(path) / ROOT_META
+    tmp = Path(path) / f"{ROOT_META}.{uuid.uuid4().hex}.partial"
+    text = json.dumps(meta, indent=2)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno or errno.EIO, exc.strerror or str(exc), str(target)) from None
