@@ -7,6 +7,7 @@ commands, so `gentrace --help` and `gentrace record` do not pay for them.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -100,9 +101,40 @@ DaskOpt = Annotated[
 ]
 
 
-def _writable(out: Path | None) -> None:
-    if out is not None and not out.parent.is_dir():
+def _writable(out: Path | None, example: str = "out.csv") -> None:
+    """`-o FILE` names a file that can be written: checked before the analysis runs."""
+    if out is None:
+        return
+    from gentrace.preflight import why_not_writable
+
+    if out.is_dir():
+        raise ConfigError(f"-o {out} is a directory; give a file name, e.g. -o {out / example}")
+    if not out.parent.is_dir():
         raise ConfigError(f"-o {out}: the directory {out.parent} does not exist")
+    why = why_not_writable(out.parent)  # a new file needs its directory writable; an existing one only itself
+    denied = os.strerror(errno.EACCES)
+    if out.exists() and why in (None, denied):
+        why = None if os.access(out, os.W_OK) else denied
+    if why is not None:
+        raise ConfigError(f"-o {out}: cannot write there ({why}); give another -o")
+
+
+def _figure_file(out: Path) -> None:
+    """`plot -o FIG`: a writable file whose extension matplotlib can write (.png, .pdf, .svg, ...)."""
+    _writable(out, "figure.png")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix and out.suffix[1:].lower() not in formats:
+        known = ", ".join(f".{f}" for f in sorted(formats))
+        raise ConfigError(f"-o {out}: matplotlib cannot write {out.suffix} figures; use one of {known}")
+
+
+def _device(device: str | None) -> str | None:
+    """`--device` of the analyses: auto (None), cpu, cuda, cuda:N; refused before any work when it is not there."""
+    from gentrace.analyses.bits import resolve_device
+
+    return None if device in (None, "auto") else resolve_device(device)
 
 
 def _parse_replicate(value: str) -> int | None:
@@ -198,6 +230,7 @@ def analyze_paths(
     """ReLU path similarity of the probe samples per recorded epoch and layer (image-functions paper)."""
     from gentrace.analyses import paths
 
+    device = _device(device) or "auto"
     if dask is not None:
         _emit_on_dask(
             stores,
@@ -305,7 +338,7 @@ def analyze_lipschitz(
         qs = tuple(float(q) for q in quantiles.split(","))
     except ValueError:
         raise AnalysisInputError(f"--quantiles {quantiles!r}: expected numbers like 0.1,0.5,0.9,1.0") from None
-    dev = None if device in (None, "auto") else device
+    dev = _device(device)
     _emit(over_stores(stores, lambda reader: lipschitz.run(reader, where.value, qs, jacobian, dev)), fmt, out)
 
 
@@ -313,7 +346,9 @@ def _plot(name: str, stores: list[Path], out: Path, **options: Any) -> None:
     """Open the stores, draw with `plots.<name>` into `out` (matplotlib imported only now), say where."""
     from gentrace import plots
 
-    _writable(out)
+    _figure_file(out)
+    if "device" in options:
+        options["device"] = _device(options["device"])
     readers = [StoreReader(store) for store in stores]
     typer.echo(str(getattr(plots, name)(readers, out, **options)), err=True)
 

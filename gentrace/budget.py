@@ -5,9 +5,9 @@ billion-parameter network, `sweep --grid data.seed=0..100000000` 10^8 configs: e
 machine's memory (or fill its disk) before failing. `check(cfg, out)` estimates, from the config alone
 (no torch, no data), what the run would hold in memory and write to its store, and raises ConfigError
 naming the key to lower when either exceeds this machine's physical memory or the free space where
-the store goes. The estimates are lower bounds of what the run really uses (float32 parameters do not
-compress; integer streams are counted at a quarter of their raw size), so a refused run could not
-have succeeded, while a run that fits comfortably is never refused.
+the store goes. The estimates err on the low side (float32 parameters do not compress, integer streams
+are counted at a quarter of their raw size, a file takes at least one block; only the largest buffers
+are counted), so what is refused could not have run, and what fits is never refused.
 
 Parameter counts are exact for every architecture of gentrace.models (tests/test_bad_inputs.py
 compares them with the built networks); the torchvision backbones are constants.
@@ -29,6 +29,8 @@ from gentrace.schedules import timeline
 F32 = 4  # bytes of float32 (parameters, snapshots, gradient moments)
 SCHEDULE_ENTRY_BYTES = 100  # one recorded step in a probe's Python set and list of steps (int, hash slot, pointer)
 CHECKPOINTS_KEPT = 2  # resume checkpoints a store holds at once (the newest two)
+BLOCK = 4096  # bytes a file takes on disk at least (a file system block)
+POINT_BYTES = 1600  # memory of one sweep point: its values, validated config, store name and manifest entry
 INT_COMPRESSION = 4  # integer streams (classes, bit masks, indices) compress at least this much with blosc-zstd
 
 # one sample's shape per data set; synthetic vector sets of fixed width have it here, the others use data.dim
@@ -132,6 +134,11 @@ def _named(sizes: dict[str, int], names: str | Sequence[str]) -> int:
     return sum(sizes.get(aliases.get(name, name), 0) for name in dict.fromkeys(names))
 
 
+def _named_count(sizes: dict[str, int], names: str | Sequence[str]) -> int:
+    """How many tensors `names` selects (see `_named`)."""
+    return len(sizes) if names == "all" else len(set(names))
+
+
 def _rows(cfg: RunConfig) -> dict[str, int]:
     """Rows of every stream the config records (streams it does not record: 0)."""
     rec, tl = cfg.record, timeline(_n_train(cfg), cfg.train.batch_size, cfg.train.epochs)
@@ -190,9 +197,21 @@ def store_parts(cfg: RunConfig) -> list[Part]:
         "acts": "record.activations",
         "lipschitz_fine": "record.lipschitz_fine.every_steps",
     }
-    parts = [Part(f"{s} ({rows[s]} rows)", int(rows[s] * row_bytes[s]), keys[s]) for s in rows if rows[s]]
-    if rows["params"]:
-        parts.append(Part("resume checkpoints", CHECKPOINTS_KEPT * m * p * F32 * (1 + optimizer_slots), _model_key(cfg)))
+    # one file per row and array in the row-chunked streams: at least a file system block each
+    files = {
+        "params": 1 + _named_count(sizes, rec.params.names),
+        "grad": 3 + 4 * len(sizes),
+        "preds": 1 + len(rec.predictions.splits),
+        "acts": 2 + len(units) * (2 if rec.activations.values else 1),
+    }
+    parts = [
+        Part(f"{s} ({rows[s]} rows)", int(rows[s] * max(row_bytes[s], files.get(s, 0) * BLOCK)), keys[s])
+        for s in rows
+        if rows[s]
+    ]
+    if rows["params"]:  # every parameter snapshot can carry one; the newest CHECKPOINTS_KEPT stay
+        checkpoints = CHECKPOINTS_KEPT * m * p * F32 * (1 + optimizer_slots)
+        parts.append(Part("resume checkpoints", checkpoints, _model_key(cfg)))
     return parts
 
 
@@ -230,9 +249,11 @@ def _optimizer_slots(cfg: RunConfig) -> int:
 
 
 def _model_key(cfg: RunConfig) -> str:
+    """The key that sizes the network: a cnn's second conv grows with model.channels^2, classifiers with hidden."""
     model = cfg.model
-    if model.arch == "cnn" and model.channels**2 > max(model.hidden or (128,)):
-        return "model.channels"
+    if model.arch == "cnn":
+        sizes = parameter_sizes(cfg)
+        return "model.channels" if sizes["3.weight"] > sizes["7.weight"] else "model.hidden"
     return "model.hidden" if model.hidden and model.arch != "resnet18" else "train.replicates"
 
 
@@ -242,6 +263,17 @@ def _data_key(cfg: RunConfig) -> str:
     if data.name not in IMAGE_SHAPES and data.name not in FIXED_DIM:
         sizes["data.dim"] = data.dim
     return max(sizes, key=lambda k: sizes[k])
+
+
+def uses_gpu(device: str) -> bool:
+    """Whether `--device` puts the models on a GPU (`auto`: when torch sees one; torch is imported only then)."""
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def physical_memory() -> int | None:
@@ -293,7 +325,8 @@ def _culprit(cfg: RunConfig, parts: Sequence[Part], limit: int, redo: Estimate) 
         ("train.epochs", dataclasses.replace(train, epochs=1)),
         ("train.replicates", dataclasses.replace(train, replicates=1)),
     ):
-        if top != key and fewer != train and sum(p.nbytes for p in redo(dataclasses.replace(cfg, train=fewer))) <= limit:
+        smaller = dataclasses.replace(cfg, train=fewer)
+        if top != key and fewer != train and sum(part.nbytes for part in redo(smaller)) <= limit:
             return f"{key} = {_value(cfg, key)}", f"{key} or {top}"
     value = _value(cfg, top)
     return (f"{top} = {value}" if value else top), top
@@ -346,3 +379,16 @@ def check_many(cfgs: Sequence[RunConfig], out: Path, *, gpu: bool = False, what:
         f"{named} is too large: the store would take at least {size(alone)} on disk ({_breakdown(parts)}), "
         f"more than is free at {where}; lower {lower}"
     )
+
+
+def check_points(count: int, key: str) -> None:
+    """Raise ConfigError when a sweep of `count` points would not fit this machine's memory (`key`: the largest grid).
+
+    Called while the grid is parsed, before any point is built.
+    """
+    ram = physical_memory()
+    if ram is not None and count * POINT_BYTES > ram:
+        raise ConfigError(
+            f"--grid {key}: the sweep would have {count} points, whose configs alone need at least "
+            f"{size(count * POINT_BYTES)} of memory, more than this machine's {size(ram)}; give fewer values"
+        )

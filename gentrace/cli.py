@@ -74,6 +74,10 @@ def record(
         raise config_mod.ConfigError("--resume continues the stored config; --set cannot change it")
     cfg = None if resume and config is None else config_mod.load(config, overrides)
 
+    from gentrace import preflight
+
+    if not torchrun_worker():  # rank 0 speaks for all: the store path need not exist on the other nodes
+        preflight.record(cfg, out, device=device, resume=resume, overwrite=overwrite)
     from gentrace import run  # torch is imported only once the config is known to be good
 
     # A scheduler's SIGTERM (job time limit, preemption) ends the run like Ctrl-C: flushed, resumable.
@@ -155,7 +159,7 @@ def info(
     """Show what a store holds: config, status, rows per stream, sizes, compression, writer time."""
     from gentrace.summary import render, summarize
 
-    summary = summarize(StoreReader(store))
+    summary = summarize(StoreReader(store, compacting_ok=True))
     typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
 
 
@@ -211,6 +215,9 @@ def compact(
 
     if not (math.isfinite(shard_mb) and shard_mb * 2**20 >= 1):
         raise config_mod.ConfigError(f"--shard-mb must be a positive number of MiB (got {shard_mb})")
+    from gentrace import preflight
+
+    preflight.compact(store)
     total = compact_mod.array_count(store)
     with Progress(transient=True, disable=quiet, console=_stderr_console()) as bar:
         task = bar.add_task("compacting", total=total)
@@ -263,7 +270,9 @@ def verify(
 def _stderr_console() -> Any:
     from rich.console import Console
 
-    return Console(stderr=True)
+    console = Console(stderr=True)
+    console.quiet = not console.is_terminal  # a progress bar on a pipe or file leaves only an empty line
+    return console
 
 
 app.add_typer(analyze_app, name="analyze")

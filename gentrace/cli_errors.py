@@ -1,7 +1,8 @@
 """How every CLI module reports a user error: one `error: ...` line on stderr and the error's exit code.
 
 Shared by `gentrace.cli` and `gentrace.analyze_cli` (which `cli` imports, so it cannot import `cli`).
-Only GentraceError is caught: any other exception keeps its traceback (it is a bug).
+Only GentraceError is caught, and an OSError that names a file (a read-only mount, a full disk: one line
+naming the file); any other exception keeps its traceback (it is a bug).
 
 Under torchrun rank 0 prints as a single process would. The other ranks print their own errors as
 `error: [rank N] message`: data must be readable on every node, so a rank may fail where rank 0 did
@@ -11,14 +12,16 @@ not (torchrun itself then reports only that a child failed). The exception is
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from collections.abc import Callable
 from functools import wraps
 from typing import Any, TypeVar
 
 import typer
 
-from gentrace.errors import GentraceError, PeerFailed
+from gentrace.errors import ConfigError, GentraceError, PeerFailed
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,8 +53,46 @@ def report(exc: GentraceError) -> None:
     typer.echo(f"error: [rank {os.environ['RANK']}] {exc}", err=True)
 
 
+# A path the file system refuses (bad input, exit 2), with the fix; anything else failed under a running command
+HINTS = {
+    errno.EACCES: "check its permissions or give another path",
+    errno.EPERM: "check its permissions or give another path",
+    errno.EROFS: "give a path on a writable file system",
+    errno.ENOTDIR: "a file is where a directory should be; give another path",
+    errno.EISDIR: "it is a directory; give a file name",
+    errno.ENOENT: "check the path",
+}
+FULL = {errno.ENOSPC, errno.EDQUOT}
+# zarr writes `<file>` as `<file without suffix>.<uuid4 hex>.partial`, then renames it; only zarr.json has a suffix
+PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def file_error(exc: OSError) -> GentraceError | None:
+    """An OSError naming a file as one user error, `cannot write FILE: reason; fix`; None when it names no file.
+
+    Exit 2 when the file system refuses a path (permissions, read-only, a file in the way), 1 when it
+    fails under a running command (disk full, I/O error). zarr's temporary `.partial` name becomes the
+    file it stands for.
+    """
+    if exc.filename is None:
+        return None
+    filename = exc.filename
+    name = os.fsdecode(filename) if isinstance(filename, str | bytes | os.PathLike) else str(filename)
+    if PARTIAL.search(name):
+        name = PARTIAL.sub("", name)
+        name += ".json" if os.path.basename(name) == "zarr" else ""
+    code = exc.errno or 0
+    verb = "write" if code in FULL or code == errno.EROFS else "use"
+    reason = exc.strerror or str(exc)
+    if code in FULL:
+        return GentraceError(f"cannot {verb} {name}: {reason}; free some space and run the command again")
+    if code in HINTS:
+        return ConfigError(f"cannot {verb} {name}: {reason}; {HINTS[code]}")
+    return GentraceError(f"cannot {verb} {name}: {reason}")
+
+
 def user_errors(fn: F) -> F:
-    """Turn GentraceError into one stderr line (see `report`) and its exit code."""
+    """Turn GentraceError, and an OSError naming a file, into one stderr line (see `report`) and its exit code."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -60,5 +101,11 @@ def user_errors(fn: F) -> F:
         except GentraceError as exc:
             report(exc)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            error = file_error(exc)
+            if error is None:
+                raise
+            report(error)
+            raise typer.Exit(error.exit_code) from None
 
     return wrapper  # type: ignore[return-value]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -35,14 +36,24 @@ Task = Literal["multiclass", "0to4-vs-5to9", "animals-vs-objects", "first5-vs-la
 Arch = Literal["mlp", "cnn", "resnet18", "vgg11", "alexnet"]
 
 
+# float32's largest finite value: training runs in float32, and torch refuses an lr or a weight decay above it
+FLOAT32_MAX = 3.4028234663852886e38
+# torch.manual_seed takes seeds in [-2**63, 2**64)
+SEED_MAX = 2**64 - 1
+
+
 def _check(
     minimum: float | None = None,
     maximum: float | None = None,
     *,
     exclusive_min: bool = False,
+    why: str = "",
 ) -> dict[str, Any]:
-    """Field metadata: the allowed range of a number (checked by `_validate_range`)."""
-    return {"min": minimum, "max": maximum, "exclusive_min": exclusive_min}
+    """Field metadata: the allowed range of a number (checked by `_validate_range`); `why` explains the maximum."""
+    return {"min": minimum, "max": maximum, "exclusive_min": exclusive_min, "why": why}
+
+
+FLOAT32 = "the largest float32; training runs in float32"
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,7 @@ class DataConfig:
     n_train: int = field(default=1000, metadata=_check(1))
     n_test: int = field(default=2000, metadata=_check(1))
     dim: int = field(default=100, metadata=_check(2))
-    freq: float = field(default=0.5, metadata=_check(0.0, exclusive_min=True))
+    freq: float = field(default=0.5, metadata=_check(0.0, FLOAT32_MAX, exclusive_min=True, why=FLOAT32))
     label_noise: float = field(default=0.0, metadata=_check(0.0, 1.0))
     seed: int = field(default=0, metadata=_check(0))
 
@@ -71,7 +82,7 @@ class ModelConfig:
     dropout: float = field(default=0.0, metadata=_check(0.0, 1.0))
     init: Literal["xavier_uniform", "default"] = "xavier_uniform"
     freeze: tuple[str, ...] = ()
-    seed: int = field(default=0, metadata=_check(0))
+    seed: int = field(default=0, metadata=_check(0, SEED_MAX, why="torch.manual_seed takes seeds below 2**64"))
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,7 @@ class LrDecay:
     """`train.lr_decay`: multiply the lr by `factor` every `every_epochs` epochs (0 = never)."""
 
     every_epochs: int = field(default=0, metadata=_check(0))
-    factor: float = field(default=0.1, metadata=_check(0.0, exclusive_min=True))
+    factor: float = field(default=0.1, metadata=_check(0.0, FLOAT32_MAX, exclusive_min=True, why=FLOAT32))
 
 
 @dataclass(frozen=True)
@@ -87,9 +98,9 @@ class TrainConfig:
     """`[train]`: optimizer, schedule, loss, number of replicates."""
 
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = field(default=0.01, metadata=_check(0.0, exclusive_min=True))
+    lr: float = field(default=0.01, metadata=_check(0.0, FLOAT32_MAX, exclusive_min=True, why=FLOAT32))
     momentum: float = field(default=0.0, metadata=_check(0.0, 1.0))
-    weight_decay: float = field(default=0.0, metadata=_check(0.0))
+    weight_decay: float = field(default=0.0, metadata=_check(0.0, FLOAT32_MAX, why=FLOAT32))
     batch_size: int = field(default=128, metadata=_check(0))
     epochs: int = field(default=50, metadata=_check(1))
     lr_decay: LrDecay = LrDecay()
@@ -390,7 +401,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {_describe(value)}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float64
+            number = math.inf
+        if not math.isfinite(number):
+            shown = str(value) if len(str(value)) <= 24 else f"{str(value)[:8]}... ({len(str(value))} digits)"
+            raise ConfigError(f"{key} = {shown} is not a finite number; give a finite {key}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {_describe(value)}")
@@ -408,7 +426,9 @@ def _validate_range(f: dataclasses.Field[Any], value: Any, key: str) -> None:
         bound = f"> {lo}" if f.metadata.get("exclusive_min") else f">= {lo}"
         raise ConfigError(f"{key} = {value} is impossible; it must be {bound}")
     if hi is not None and value > hi:
-        raise ConfigError(f"{key} = {value} is impossible; it must be <= {hi}")
+        why = f" ({f.metadata['why']})" if f.metadata.get("why") else ""
+        bound = f"{hi:g}" if hi == FLOAT32_MAX else hi
+        raise ConfigError(f"{key} = {value} is impossible; it must be <= {bound}{why}")
 
 
 _BINARY_TASKS = {
@@ -456,6 +476,14 @@ def _validate_cross_fields(cfg: RunConfig) -> None:
         raise ConfigError("model.hidden is empty; give at least one width, for example [128]")
     if any(width < 1 for width in cfg.model.hidden):
         raise ConfigError(f"model.hidden = {list(cfg.model.hidden)} is impossible; every width must be >= 1")
+    decay = train.lr_decay
+    decays = train.epochs // decay.every_epochs if decay.every_epochs else 0
+    if decay.factor > 1 and math.log(train.lr) + decays * math.log(decay.factor) > math.log(FLOAT32_MAX):
+        raise ConfigError(
+            f"train.lr_decay.factor = {decay.factor} multiplies train.lr = {train.lr} by itself {decays} times "
+            f"(every {decay.every_epochs} epochs), beyond float32's largest number ({FLOAT32_MAX:g}); "
+            "use a factor below 1 (a decay) or a larger train.lr_decay.every_epochs"
+        )
     grad = cfg.record.grad_moments
     if grad.samples > data.n_train:
         raise ConfigError(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from gentrace.errors import GentraceError
+from gentrace.store import schema
 from gentrace.store.reader import StoreReader, disk_usage
 
 
@@ -21,19 +25,30 @@ class StreamSummary:
     last_step: int | None
 
 
+def _tolerant(compacting: bool, read: Callable[[], Any], default: Any) -> Any:
+    """`read()`; while a compaction is unfinished an array may be between its two renames: then `default`."""
+    if not compacting:
+        return read()
+    try:
+        return read()
+    except GentraceError:
+        return default
+
+
 def summarize(reader: StoreReader) -> dict[str, Any]:
     """Everything `info` prints, as plain data (also what `info --json` writes)."""
     attrs = reader.attrs
+    compacting = bool(attrs.get(schema.COMPACTING_ATTR))
     streams = []
     for name, paths in reader.streams().items():
         rows = reader.committed(name)
-        steps = reader.array(f"{name}/step") if rows else None
+        steps = _tolerant(compacting, partial(reader.array, f"{name}/step"), None) if rows else None
         streams.append(
             StreamSummary(
                 name=name,
                 rows=rows,
                 arrays=len(paths),
-                raw_bytes=sum(reader.logical_bytes(p) for p in paths),
+                raw_bytes=sum(_tolerant(compacting, partial(reader.logical_bytes, p), 0) for p in paths),
                 disk_bytes=sum(reader.disk_bytes(p) for p in paths),
                 first_step=int(steps[0]) if steps is not None else None,
                 last_step=int(steps[-1]) if steps is not None else None,
@@ -44,7 +59,8 @@ def summarize(reader: StoreReader) -> dict[str, Any]:
     data = sum(s.disk_bytes for s in streams)
     return {
         "store": str(reader.path),
-        "status": reader.status,
+        "status": "compacting (run `gentrace compact` again to finish it)" if compacting else reader.status,
+        "error": attrs.get("error"),
         "created": attrs.get("created"),
         "finished": attrs.get("finished"),
         "config": attrs.get("config", {}),
@@ -94,6 +110,7 @@ def render(summary: dict[str, Any]) -> str:
     lines = [
         f"store      {summary['store']}",
         f"status     {summary['status']}  (created {summary['created']}, finished {summary['finished'] or '-'})",
+        *([f"error      {summary['error']}"] if summary.get("error") else []),
         f"config     {describe_config(summary['config'])}",
         f"recorded   on {summary['device']}{_ranks(summary['processes'])} with torch {summary['torch_version']}, "
         f"gentrace {summary['gentrace_version']}; {summary['total_steps']} optimizer steps planned",

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from gentrace import budget, preflight
 from gentrace import config as config_mod
 from gentrace.errors import ConfigError, StoreError
 from gentrace.store.reader import StoreReader, check_gentrace_store
@@ -44,6 +45,7 @@ def parse_grid(items: Sequence[str]) -> Grid:
     Values are read as `--set` values (TOML, else a string). A key given twice is an error.
     """
     grid: Grid = []
+    points_so_far, widest = 1, (0, "")
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -56,6 +58,13 @@ def parse_grid(items: Sequence[str]) -> Grid:
             low, high = int(span.group(1)), int(span.group(2))
             if high < low:
                 raise ConfigError(f"--grid {item!r}: the range {low}..{high} is empty")
+            count = high - low + 1
+        else:
+            count = text.count(",") + 1
+        # the size of the whole sweep is known before a value is built: refuse one that cannot fit in memory
+        points_so_far, widest = points_so_far * count, max(widest, (count, item.strip()))
+        budget.check_points(points_so_far, widest[1])
+        if span:
             values: list[Any] = list(range(low, high + 1))
         else:
             values = [config_mod.parse_override(f"{key}={part}")[1] for part in text.split(",")]
@@ -156,12 +165,17 @@ def record_sweep(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory for the sweep's stores")
-    for point, _ in todo:
+    preflight.sweep_dir(out)
+    fresh = []
+    for point, cfg in todo:
         state = _state(out / point_name(point))
         if state == "foreign":
             raise StoreError(f"{out / point_name(point)} is not a gentrace store; move it out of --out {out}")
         if state == "running":
             raise StoreError(f"{out / point_name(point)} is being recorded by another process")
+        if state in ("missing", "torn"):
+            fresh.append(cfg)
+    preflight.fits(fresh, out, device)  # every new store must fit, before the first is recorded
     out.mkdir(parents=True, exist_ok=True)
     from gentrace import run  # torch is imported only once every point's config is known to be good
 
@@ -198,8 +212,7 @@ def expand_stores(paths: Sequence[Path]) -> list[Path]:
             continue
         manifest = path / MANIFEST
         if manifest.exists():
-            listed = [path / entry["store"] for entry in json.loads(manifest.read_text())["points"]]
-            inside = [p for p in listed if (p / "zarr.json").exists()]
+            inside = [path / name for name in manifest_stores(manifest) if (path / name / "zarr.json").exists()]
         else:
             inside = sorted(p for p in path.iterdir() if (p / "zarr.json").exists())
         if not inside:
@@ -211,6 +224,30 @@ def expand_stores(paths: Sequence[Path]) -> list[Path]:
 def _lost_its_root(path: Path) -> bool:
     """A store whose root zarr.json is gone (its `data` group is still there), not a sweep directory."""
     return (path / "data" / "zarr.json").exists() or (path / "checkpoints").is_dir()
+
+
+def manifest_stores(manifest: Path) -> list[str]:
+    """The store names a sweep's `sweep.json` lists, in grid order.
+
+    Raises:
+        StoreError: the manifest is not JSON, lacks `points` or a point's `store`, or names a path outside
+            its sweep directory; the message says how to repair it.
+    """
+    fix = f"run the same `gentrace sweep` again to rewrite it, or delete it to analyze every store in {manifest.parent}"
+    try:
+        doc = json.loads(manifest.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise StoreError(f"{manifest} is damaged ({exc}); {fix}") from None
+    points = doc.get("points") if isinstance(doc, dict) else None
+    if not isinstance(points, list):
+        raise StoreError(f"{manifest} is damaged (no list of `points`); {fix}")
+    names = []
+    for i, entry in enumerate(points):
+        name = entry.get("store") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise StoreError(f"{manifest} is damaged (point {i} names no store directory inside the sweep); {fix}")
+        names.append(name)
+    return names
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

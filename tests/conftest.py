@@ -153,7 +153,7 @@ def assert_committed_rows_filled(store: Path) -> None:
     """
     attrs = store_attrs(store)
     root = zarr.open_group(store, mode="r")
-    for stream, paths in attrs["streams"].items():
+    for stream, paths in attrs.get("streams", {}).items():
         rows = int(attrs["committed"].get(stream, 0))
         for path in paths:
             array = root[path]

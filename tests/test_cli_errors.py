@@ -25,7 +25,6 @@ import pytest
 import zarr
 from conftest import (
     assert_committed_rows_filled,
-    committed_rows,
     concurrently,
     one_error_line,
     run_cli,
@@ -148,10 +147,10 @@ class Interrupted:
 
 def interrupt_and_resume(tmp: Path) -> Interrupted:
     store = tmp / "interrupted.zarr"
-    # 0.1 s per optimizer step (20 steps): ample time to interrupt once the first snapshot is committed.
-    cfg = tiny_config(tmp)
-    proc = start_cli("slow:0.1", tmp / "unused", "record", cfg, "--out", store, "--quiet", driver="record_hooked.py")
-    wait_until(lambda: committed_rows(store, "params") >= 1, proc)
+    # The run waits after step 7 (params row 1 committed) until it is interrupted: an event, not a guessed time.
+    cfg, marker = tiny_config(tmp), tmp / "waiting"
+    proc = start_cli("sigint-wait:7", marker, "record", cfg, "--out", store, "--quiet", driver="record_hooked.py")
+    wait_until(marker.exists, proc, timeout=120)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     interrupted = tmp / "as-interrupted.zarr"

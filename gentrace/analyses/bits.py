@@ -34,6 +34,7 @@ is used only row by row.
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
@@ -48,6 +49,7 @@ METHODS: tuple[str, ...] = get_args(Method)
 
 # Unpacked operand bytes per unit block: 2000 probes x 65,536 units in int8. Larger blocks run the
 # int8 matmul faster (2000 x 100,000 on 2 cores: 0.94 s with 32k-unit blocks, 0.76 s with 64k).
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")  # what --device accepts (gentrace.run.resolve_device likewise)
 BLOCK_BYTES = 128 * 2**20
 MIN_BLOCK_UNITS = 8192
 # Rows per diagonal block of a Gram matrix: small enough to skip ~40% of the work below the
@@ -91,16 +93,21 @@ def resolve_device(device: str | None) -> str:
     """`None`/"auto" -> "cuda" when torch sees a GPU, else "cpu"; "cpu", "cuda", "cuda:N" as given.
 
     Raises:
-        ConfigError: a CUDA device on a machine where torch sees none.
+        ConfigError: not one of those, or a CUDA device that torch does not see here.
     """
-    if device is not None and not str(device).startswith(("auto", "cuda")):
-        return str(device)
+    if device is not None and not DEVICE.match(str(device)):
+        raise ConfigError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if device == "cpu":
+        return "cpu"
     import torch
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu or auto")
+    index = str(device).partition(":")[2]
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here; use cuda:0 or auto")
     return str(device)
 
 

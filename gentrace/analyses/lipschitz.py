@@ -45,6 +45,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from gentrace.analyses.bits import resolve_device
 from gentrace.analyses.gsnr import epochs_of
 from gentrace.analyses.mi_references import rebuild_data
 from gentrace.config import from_dict
@@ -280,7 +281,7 @@ def run(
             them: only those point sets are computed; see the module docstring for the points.
         quantiles: levels in [0, 1], one column each (0.1 -> q10, 1.0 -> max).
         jacobian: spectral norm of the input Jacobian instead of the predicted-class logit's gradient.
-        device: torch device; cuda when available, else cpu.
+        device: "cpu", "cuda", "cuda:N"; None or "auto": cuda when available, else cpu.
 
     Returns:
         step, epoch, replicate, where, the quantile columns, mean, n; one row per snapshot, replicate
@@ -289,11 +290,12 @@ def run(
     Raises:
         MissingStreamError: the run recorded no parameter snapshots.
         AnalysisInputError: unknown `where`, a quantile outside [0, 1], or snapshots of only some tensors.
+        ConfigError: a device that is not one of those, or a GPU that torch does not see.
     """
     groups = groups_of(where)
     quantile_columns(quantiles)  # fail on bad levels before the slow part
     reader.require("params", *MISSING)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(resolve_device(device))  # a device that is not there is refused before the slow part
     model = _model(reader).to(dev).eval()
     model.requires_grad_(False)  # input gradients only
     steps = reader.array("params/step")

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from gentrace.errors import StoreError
+
+# How long `acquire` keeps trying while the lock is held (a live writer holds it for good; a
+# reader's probe for microseconds).
+ACQUIRE_PATIENCE_S = 1.0
 
 
 class StoreLock:
@@ -23,15 +28,25 @@ class StoreLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise StoreError naming the store."""
+        """Take the lock or raise StoreError naming the store.
+
+        A reader's `is_locked` probe holds a shared lock for a few microseconds; the attempt is
+        retried for up to ACQUIRE_PATIENCE_S so that a probe is never mistaken for a live writer.
+        """
         fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreError(
-                f"{self.path} is being written by another gentrace process; wait for it to finish or stop it first"
-            ) from None
+        deadline = time.monotonic() + ACQUIRE_PATIENCE_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.002)
+                    continue
+                os.close(fd)
+                raise StoreError(
+                    f"{self.path} is being written by another gentrace process; wait for it to finish or stop it first"
+                ) from None
         self._fd = fd
 
     def release(self) -> None:

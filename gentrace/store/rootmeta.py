@@ -29,20 +29,27 @@ def read(path: Path) -> dict[str, Any]:
     return parsed
 
 
-def update_attrs(path: Path, updates: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge `updates` into the root attributes in one atomic file replacement; returns the new attributes."""
+def update_attrs(path: Path, updates: Mapping[str, Any], *, last_resort: bool = False) -> dict[str, Any]:
+    """Merge `updates` into the root attributes in one atomic file replacement; returns the new attributes.
+
+    `last_resort` (the status `failed` of a writer that is giving up) allows the in-place rewrite
+    of `write` on a full disk.
+    """
     meta = read(path)
     attributes = dict(meta.get("attributes", {}))
     attributes.update(updates)
     meta["attributes"] = attributes
-    write(path, meta)
+    write(path, meta, last_resort=last_resort)
     return attributes
 
 
-def write(path: Path, meta: Mapping[str, Any]) -> None:
+def write(path: Path, meta: Mapping[str, Any], *, last_resort: bool = False) -> None:
     """Replace the root `zarr.json` with `meta` atomically (temporary file in the same directory, then rename).
 
     An OSError names the file; the temporary file is removed on failure (a full disk leaves nothing).
+    On a full disk, with `last_resort`, the file is rewritten in place in its compact JSON form when
+    that is no longer than the file already is (no new blocks needed), so that the status `failed`
+    and its reason still reach the store; that one rewrite is a single write() of a few kB.
     """
     target = Path(path) / ROOT_META
     tmp = Path(path) / f"{ROOT_META}.{uuid.uuid4().hex}.partial"
@@ -53,4 +60,19 @@ def write(path: Path, meta: Mapping[str, Any]) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+        if last_resort and exc.errno == errno.ENOSPC and _rewrite_in_place(target, json.dumps(meta, separators=(",", ":"))):
+            return
         raise OSError(exc.errno or errno.EIO, exc.strerror or str(exc), str(target)) from None
+
+
+def _rewrite_in_place(target: Path, text: str) -> bool:
+    data = text.encode()
+    try:
+        if not target.exists() or len(data) > target.stat().st_size:
+            return False
+        with open(target, "r+b") as f:
+            f.write(data)
+            f.truncate()
+    except OSError:
+        return False
+    return True

@@ -387,13 +387,17 @@ class StoreWriter:
         """Status `failed` with the reason; first free what the failed batch left (a full disk needs the room)."""
         for leftover in self._uncommitted:
             with contextlib.suppress(OSError):
-                leftover.unlink(missing_ok=True)
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink(missing_ok=True)
         self._uncommitted.clear()
         for leftover in self.path.rglob("*.partial"):
             with contextlib.suppress(OSError):
                 leftover.unlink(missing_ok=True)
         with contextlib.suppress(Exception):
-            self.write_attrs({"status": "failed", "finished": now(), "error": self._message()})
+            update = {"status": "failed", "finished": now(), "error": self._message()}
+            rootmeta.update_attrs(self.path, update, last_resort=True)
 
     def close_after_failure(self, status: str) -> None:
         """Best-effort close when training already failed: keep what is committed, never mask the error."""
@@ -422,11 +426,11 @@ class StoreWriter:
         resume = f"`gentrace record --resume --out {self.path}`"
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             target = Path(error.filename or self.path)
-            free = shutil.disk_usage(_existing_parent(target)).free / 2**20
+            free = shutil.disk_usage(_existing_parent(target)).free
             need = self._space_needed()
-            needed = f"; the rest of the run needs about {need / 2**20:.1f} MiB more" if need else ""
+            needed = f"; the rest of the run needs about {_size(need)} more" if need else ""
             return (
-                f"the disk is full: writing {target} failed ({free:.1f} MiB free{needed}); rows committed before "
+                f"the disk is full: writing {target} failed ({_size(free)} free{needed}); rows committed before "
                 f"are kept: free space, then continue with {resume}"
             )
         detail = f"{error.strerror}: {error.filename or self.path}" if isinstance(error, OSError) else repr(error)
@@ -626,6 +630,14 @@ class StoreWriter:
             array = zarr.open_array(self.root.store, path=path, mode="r+", zarr_format=3)
             self._arrays[path] = array.with_config(WRITE_CONFIG)
         return self._arrays[path]
+
+
+def _size(nbytes: float) -> str:
+    """1.5 MiB, 230 KiB, 12 B."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} B"
 
 
 def _checkpoint_step_of(name: str) -> int:

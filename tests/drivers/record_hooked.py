@@ -15,8 +15,18 @@ themselves, `pause` moments create the file MARKER and sleep until the test kill
     finish         kill when the writer finishes: every row committed, arrays not yet resized,
                    status still `running`
     first-write    kill at the writer's first write: the store exists, nothing is committed
-    bare-zarr      kill right after the call that creates the store's zarr.json (before
-                   gentrace writes its attributes in a second call)
+    bare-zarr      kill right after the store's root zarr.json is first written (status
+                   `initializing`, no array yet)
+    truncating     (for `record --resume`) kill once resume has lowered the committed counters,
+                   before it clears the cut rows
+    final-status   kill in the final close after every array was resized, just before the
+                   atomic write of status `complete`
+    compact:K      (for `compact`) kill right after the K-th rename of the compaction
+    sigint-wait:K  after optimizer step K (params row 0 committed) create MARKER and wait for SIGINT
+    wait-prepare   create MARKER before the data and models are built, then wait for SIGINT
+    wait-close     create MARKER when the final close begins (Ctrl-C held), wait until the test
+                   deletes MARKER, then close
+    enospc:N       the disk is full after N more bytes: every later file write fails with ENOSPC
     hold:N         pause (holding the writer lock) right after params row N is committed
     slow:SECONDS   no fault: sleep SECONDS after every optimizer step (a run long enough to SIGINT)
 """
@@ -31,8 +41,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import zarr
 
 from gentrace import cli
 from gentrace.record.recorder import Recorder
@@ -58,6 +66,50 @@ def holds_params_row(blocks: list[RowBlock], row: int) -> RowBlock | None:
         if block.stream == "params" and block.start <= row < block.start + block.rows:
             return block
     return None
+
+
+def fill_disk(budget: int) -> None:
+    """Make every file write fail with ENOSPC once `budget` more bytes were written (a disk filling up)."""
+    import errno
+    import pathlib
+
+    import zarr.storage._local as local
+
+    left = [budget]
+
+    def spend(n: int, where: Any) -> None:
+        left[0] -= n
+        if left[0] < 0:
+            raise OSError(errno.ENOSPC, "No space left on device", str(where))
+
+    write_bytes, write_text, put, unlink = (
+        pathlib.Path.write_bytes,
+        pathlib.Path.write_text,
+        local._put,
+        pathlib.Path.unlink,
+    )
+
+    def freeing_unlink(self: Path, missing_ok: bool = False) -> None:
+        size = self.stat().st_size if self.is_file() else 0
+        unlink(self, missing_ok=missing_ok)
+        left[0] += size  # deleting a file gives its room back, as on a real disk
+
+    def full_write_bytes(self: Path, data: Any) -> int:
+        spend(len(data), self)
+        return write_bytes(self, data)
+
+    def full_write_text(self: Path, data: str, *args: Any, **kwargs: Any) -> int:
+        spend(len(data), self)
+        return write_text(self, data, *args, **kwargs)
+
+    def full_put(path: Path, value: Any, exclusive: bool = False) -> int:
+        spend(len(value.as_buffer_like()), path)
+        return put(path, value, exclusive)
+
+    pathlib.Path.write_bytes = full_write_bytes  # type: ignore[method-assign]
+    pathlib.Path.write_text = full_write_text  # type: ignore[method-assign]
+    local._put = full_put
+    pathlib.Path.unlink = freeing_unlink  # type: ignore[method-assign]
 
 
 def install(moment: str, marker: Path) -> None:
@@ -124,17 +176,72 @@ def install(moment: str, marker: Path) -> None:
     elif name == "first-write":
         StoreWriter._write_and_commit = lambda self, blocks: kill() if blocks else None  # type: ignore[method-assign]
     elif name == "bare-zarr":
-        open_group = zarr.open_group
+        write_root = writer_mod.rootmeta.write
 
-        def open_then_kill(store: Any, *args: Any, **kwargs: Any) -> Any:
-            meta = Path(getattr(store, "root", store)) / "zarr.json"
-            existed = meta.exists()
-            group = open_group(store, *args, **kwargs)
-            if not existed and meta.exists():  # this call created the store
+        def write_then_kill(path: Path, meta: Any) -> None:
+            write_root(path, meta)
+            kill()
+
+        writer_mod.rootmeta.write = write_then_kill  # type: ignore[attr-defined]
+    elif name == "truncating":
+        StoreWriter._clear_rows = lambda self, path, first: kill()  # type: ignore[method-assign]
+    elif name == "final-status":
+        write_attrs = StoreWriter.write_attrs
+
+        def write_attrs_unless_complete(self: StoreWriter, updates: Any) -> None:
+            if updates.get("status") == "complete":
                 kill()
-            return group
+            write_attrs(self, updates)
 
-        writer_mod.zarr.open_group = open_then_kill  # type: ignore[attr-defined]
+        StoreWriter.write_attrs = write_attrs_unless_complete  # type: ignore[method-assign]
+    elif name == "compact":
+        rename = Path.rename
+        calls = [0]
+
+        def rename_then_kill(self: Path, target: Any) -> Any:
+            moved = rename(self, target)
+            calls[0] += 1
+            if calls[0] == int(arg):
+                kill()
+            return moved
+
+        Path.rename = rename_then_kill  # type: ignore[method-assign]
+    elif name == "sigint-wait":
+        after_step = Recorder.after_step
+
+        def after_step_then_wait(self: Recorder, info: Any) -> None:
+            after_step(self, info)
+            if info.step == int(arg):
+                store = self._writer.path  # type: ignore[union-attr]
+                while json.loads((store / "zarr.json").read_text())["attributes"]["committed"].get("params", 0) < 1:
+                    time.sleep(0.005)
+                marker.touch()
+                while True:  # Ctrl-C raises KeyboardInterrupt out of this sleep
+                    time.sleep(0.05)
+
+        Recorder.after_step = after_step_then_wait  # type: ignore[method-assign]
+    elif name == "wait-prepare":
+        from gentrace import run
+
+        def prepare_after_sigint(*args: Any, **kwargs: Any) -> Any:
+            marker.touch()
+            while True:  # Ctrl-C raises KeyboardInterrupt out of this sleep
+                time.sleep(0.05)
+
+        run.prepare = prepare_after_sigint  # type: ignore[assignment]
+    elif name == "wait-close":
+        close = StoreWriter.close
+
+        def close_when_told(self: StoreWriter, status: str, *args: Any, **kwargs: Any) -> None:
+            if status == "complete":
+                marker.touch()
+                while marker.exists():
+                    time.sleep(0.01)
+            close(self, status, *args, **kwargs)
+
+        StoreWriter.close = close_when_told  # type: ignore[method-assign]
+    elif name == "enospc":
+        fill_disk(int(arg))
     elif name == "slow":
         after_step = Recorder.after_step
 
