@@ -31,6 +31,7 @@ SCHEDULE_ENTRY_BYTES = 100  # one recorded step in a probe's Python set and list
 CHECKPOINTS_KEPT = 2  # resume checkpoints a store holds at once (the newest two)
 BLOCK = 4096  # bytes a file takes on disk at least (a file system block)
 POINT_BYTES = 1600  # memory of one sweep point: its values, validated config, store name and manifest entry
+MIN_STORE_FILES = 24  # files of any store: root, data/, metrics/, metrics_fine/ metadata and their first chunks
 INT_COMPRESSION = 4  # integer streams (classes, bit masks, indices) compress at least this much with blosc-zstd
 
 # one sample's shape per data set; synthetic vector sets of fixed width have it here, the others use data.dim
@@ -381,14 +382,22 @@ def check_many(cfgs: Sequence[RunConfig], out: Path, *, gpu: bool = False, what:
     )
 
 
-def check_points(count: int, key: str) -> None:
-    """Raise ConfigError when a sweep of `count` points would not fit this machine's memory (`key`: the largest grid).
+def check_points(count: int, key: str, out: Path | None = None) -> None:
+    """Raise ConfigError when a sweep of `count` points cannot fit this machine (`key`: its largest grid).
 
-    Called while the grid is parsed, before any point is built.
+    Memory: each point's config is built before the first is recorded. Disk (with `out`): each point
+    is a store of at least MIN_STORE_FILES files. Both are known before a single point is validated.
     """
     ram = physical_memory()
     if ram is not None and count * POINT_BYTES > ram:
         raise ConfigError(
             f"--grid {key}: the sweep would have {count} points, whose configs alone need at least "
             f"{size(count * POINT_BYTES)} of memory, more than this machine's {size(ram)}; give fewer values"
+        )
+    free = free_disk(out) if out is not None else None
+    if free is not None and count * MIN_STORE_FILES * BLOCK > free:
+        raise ConfigError(
+            f"--grid {key}: the sweep's {count} stores would take at least {size(count * MIN_STORE_FILES * BLOCK)} "
+            f"on disk (a store has at least {MIN_STORE_FILES} files), more than is free at {out} ({size(free)}); "
+            "give fewer values"
         )

@@ -9,6 +9,7 @@ succeeds. `to_dict(cfg)` gives the JSON-ready form stored in the run store's roo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import tomllib
@@ -348,11 +349,17 @@ def _key(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config dataclass (once per class: a sweep validates thousands of configs)."""
+    return typing.get_type_hints(cls)
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix or "the config"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} must be a table, got {_describe(raw)}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:

@@ -19,7 +19,7 @@ from pathlib import Path
 from gentrace import budget
 from gentrace.config import RunConfig
 from gentrace.errors import ConfigError, GentraceError
-from gentrace.store.reader import StoreReader, check_gentrace_store
+from gentrace.store.reader import check_gentrace_store
 
 PROBE_PREFIX = ".gentrace-probe-"
 
@@ -97,7 +97,7 @@ def record(cfg: RunConfig | None, out: Path | None, *, device: str, resume: bool
         if out is None or overwrite:
             return
         try:
-            done = StoreReader(out).status == "complete"  # resuming a complete store writes nothing
+            done = check_gentrace_store(out).get("status") == "complete"  # resuming it writes nothing
         except GentraceError:
             return
         if not done:

@@ -328,7 +328,7 @@ def _reopen(path: Path, keep: dict[str, int], recorder: Recorder, last: int) -> 
     """Lock the store, cut every stream back to the rows at or before checkpoint `last`, drop later checkpoints."""
     writer = open_for_resume(path)
     try:
-        writer.truncate(keep)
+        writer.truncate(keep, checkpoint_step=last)
         writer.declare(recorder.streams())
         writer.prune_checkpoints(upto=last)
     except BaseException:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -161,8 +162,13 @@ def record_sweep(
     interrupted and failed ones are resumed from their last checkpoint; a directory left by a kill
     during store creation is recorded afresh.
     """
-    todo = configs(config, overrides, grid)
     out = Path(out)
+    if grid:  # a new sweep's size alone may not fit: refused before each point's config is validated
+        widest = max(grid, key=lambda item: len(item[1]))
+        values = ",".join(_text(v) for v in widest[1][:3]) + (",..." if len(widest[1]) > 3 else "")
+        count = math.prod(len(v) for _, v in grid)
+        budget.check_points(count, f"{widest[0]}={values}", None if out.exists() else out)
+    todo = configs(config, overrides, grid)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory for the sweep's stores")
     preflight.sweep_dir(out)

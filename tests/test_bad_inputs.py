@@ -35,6 +35,10 @@ HAS_CUDA = Path("/dev/nvidiactl").exists()
 RAM = budget.physical_memory() or 2**40
 # absurd on any machine: 10 x RAM in parameters (model.hidden), 10^11 recorded steps, 10^12 grid points
 HUGE_WIDTH = max(10**8, RAM // 4)
+# more of the smallest stores than fit the free disk where the tests run
+STORES_BEYOND_DISK = (budget.free_disk(Path(tempfile.gettempdir())) or 2**50) // (
+    budget.MIN_STORE_FILES * budget.BLOCK
+) + 1
 
 
 def _copy(path: Path, finished: Path) -> None:
@@ -214,6 +218,11 @@ CASES = [
         "sweep-grid-1e12",
         ("sweep", "{cfg}", "--grid", f"data.seed=0..{10**12}", "--out", "{tmp}/s"),
         (f"--grid data.seed=0..{10**12}",),
+    ),
+    Case(
+        "sweep-grid-beyond-the-disk",
+        ("sweep", "{cfg}", "--grid", f"data.seed=0..{STORES_BEYOND_DISK}", "--out", "{tmp}/s"),
+        ("--grid data.seed=",),
     ),
     Case(
         "sweep-grids-multiply",
@@ -484,3 +493,15 @@ def test_file_errors_become_one_line(exc: OSError, code: int, message: str) -> N
 
 def test_an_os_error_without_a_file_keeps_its_traceback() -> None:
     assert file_error(OSError(errno.EPIPE, "Broken pipe")) is None
+
+
+def test_permission_denied_is_refused_before_anything(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """What a user without write permission sees (root, who runs the CLI cases above, is never denied)."""
+    from gentrace import preflight
+
+    (tmp_path / "s.zarr" / "params").mkdir(parents=True)
+    monkeypatch.setattr(preflight.os, "access", lambda *_: False)
+    with pytest.raises(config.ConfigError, match=r"--out .*new\.zarr: cannot create it in .*Permission denied"):
+        preflight.new_store(tmp_path / "new.zarr")
+    with pytest.raises(config.ConfigError, match=r"cannot resume .*s\.zarr: it is not writable \(Permission denied\)"):
+        preflight.existing_store(tmp_path / "s.zarr", "resume")

@@ -349,3 +349,41 @@ def test_a_readers_lock_probe_never_makes_a_writer_fail(tmp_path: Path) -> None:
     finally:
         stop.set()
         prober.join()
+
+
+# -- a damaged checkpoint ------------------------------------------------------------------------
+def test_resume_with_a_damaged_newest_checkpoint_falls_back_and_destroys_nothing(
+    tmp_path: Path, reference_store: Path
+) -> None:
+    store, marker = tmp_path / "ck.zarr", tmp_path / "m"
+    killed = start_cli(
+        "step:17", marker, "record", tiny_config(tmp_path), "--out", store, "--quiet", driver="record_hooked.py"
+    )
+    killed.communicate(timeout=120)
+    attrs = store_attrs(store)
+    newest = attrs["checkpoint_step"]
+    chunk = store / "checkpoints" / f"step-{newest:010d}" / "c.0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    resumed = run_cli("record", "--resume", "--out", store, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr.count("warning:") == 1, resumed.stderr
+    assert f"step {newest}" in resumed.stderr
+    _assert_equal_stores(store, reference_store)
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
+    store, marker = tmp_path / "ck.zarr", tmp_path / "m"
+    killed = start_cli(
+        "step:17", marker, "record", tiny_config(tmp_path), "--out", store, "--quiet", driver="record_hooked.py"
+    )
+    killed.communicate(timeout=120)
+    for chunk in (store / "checkpoints").glob("step-*/c.0"):
+        chunk.write_bytes(b"not a checkpoint")
+    before = store_attrs(store)["committed"]
+    resumed = run_cli("record", "--resume", "--out", store, "--quiet")
+    line = one_error_line(resumed.stderr)
+    assert resumed.returncode in (1, 2)
+    assert "checkpoint" in line
+    assert store_attrs(store)["committed"] == before

@@ -143,6 +143,8 @@ class CheckedArray(zarr.Array):
     def __getitem__(self, selection: Any) -> Any:
         try:
             return super().__getitem__(selection)
+        except MemoryError:  # a read too large for memory is not damage (bounded-memory callers retry smaller)
+            raise
         except Exception as exc:  # noqa: BLE001 - a decode failure of stored bytes is damage, reported as such
             settle()
             if isinstance(exc, GentraceError):
@@ -164,7 +166,7 @@ async def _settle(timeout: float) -> None:
                 task.exception()  # retrieved: no "exception was never retrieved" at exit
 
 
-def settle(timeout: float = 30.0) -> None:
+def settle(timeout: float = 5.0) -> None:
     """Let the chunk reads a failed zarr call left running in zarr's event loop end (no noise at exit)."""
     with contextlib.suppress(Exception):
         sync(_settle(timeout))

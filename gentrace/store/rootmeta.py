@@ -60,7 +60,11 @@ def write(path: Path, meta: Mapping[str, Any], *, last_resort: bool = False) -> 
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        if last_resort and exc.errno == errno.ENOSPC and _rewrite_in_place(target, json.dumps(meta, separators=(",", ":"))):
+        if (
+            last_resort
+            and exc.errno == errno.ENOSPC
+            and _rewrite_in_place(target, json.dumps(meta, separators=(",", ":")))
+        ):
             return
         raise OSError(exc.errno or errno.EIO, exc.strerror or str(exc), str(target)) from None
 

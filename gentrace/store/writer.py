@@ -322,16 +322,20 @@ class StoreWriter:
             sync(_create_arrays(store, new))
         self.write_attrs({"streams": self._streams, "committed": self.stats.committed})
 
-    def truncate(self, keep: Mapping[str, int]) -> None:
+    def truncate(self, keep: Mapping[str, int], checkpoint_step: int | None = None) -> None:
         """Forget the rows of each stream from `keep[stream]` on (resume keeps only rows up to its checkpoint).
 
         Crash-safe and repeatable: first every counter is lowered in one atomic write (the cut rows
-        are then invisible), then the cut rows are cleared: fill values where they share a chunk
-        with kept rows, their chunk files deleted otherwise. Array shapes never shrink here.
+        are then invisible), together with `checkpoint_step` (the checkpoint resumed from) when
+        given; then the cut rows are cleared: fill values where they share a chunk with kept rows,
+        their chunk files deleted otherwise. Array shapes never shrink here.
         """
         for stream, rows in keep.items():
             self.stats.committed[stream] = min(rows, self.stats.committed.get(stream, 0))
-        self.write_attrs({"committed": self.stats.committed})
+        updates: dict[str, Any] = {"committed": self.stats.committed}
+        if checkpoint_step is not None:
+            self._checkpoint_step = updates[schema.CHECKPOINT_ATTR] = checkpoint_step
+        self.write_attrs(updates)
         for stream in keep:
             kept = self.stats.committed[stream]
             for path in self._streams.get(stream, []):
@@ -581,8 +585,9 @@ class StoreWriter:
             array = self._array(path)
             codec = array.attrs.get("gentrace_codec")
             whole = array.chunks[0] == 1 and tuple(array.chunks[1:]) == tuple(array.shape[1:])
-            checksummed = any(type(c).__name__ == "Crc32cCodec" for c in array.compressors)
-            ok = whole and checksummed and codec in schema.CHUNK_ENCODERS
+            # The direct encoder writes what the schema's codecs write today (crc32c included): an
+            # array with other codecs (a schema-1 store being resumed) goes through zarr.
+            ok = whole and codec in schema.CHUNK_ENCODERS and _same_codecs(array.compressors, schema.CODECS[codec]())
             self._direct[path] = str(codec) if ok else None
         return self._direct[path]
 
@@ -630,6 +635,10 @@ class StoreWriter:
             array = zarr.open_array(self.root.store, path=path, mode="r+", zarr_format=3)
             self._arrays[path] = array.with_config(WRITE_CONFIG)
         return self._arrays[path]
+
+
+def _same_codecs(a: Iterable[Any], b: Iterable[Any]) -> bool:
+    return [c.to_dict() for c in a] == [c.to_dict() for c in b]
 
 
 def _size(nbytes: float) -> str:
