@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import warnings
@@ -81,7 +82,7 @@ def record(
     from gentrace import run  # torch is imported only once the config is known to be good
 
     # A scheduler's SIGTERM (job time limit, preemption) ends the run like Ctrl-C: flushed, resumable.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminated)
     from gentrace.progress import TrainingProgress
     from gentrace.schedules import timeline
 
@@ -107,10 +108,20 @@ def record(
         raise typer.Exit(130) from None
     except KeyboardInterrupt:  # before the store existed: run.record turns every later one into Interrupted
         _quiet_exit()
-        _err("interrupted before recording started; no store was written" if not resume else "interrupted")
+        if not (_TERMINATED and int(os.environ.get("WORLD_SIZE", "1")) > 1):  # torchrun stopping it: a peer said why
+            _err("interrupted before recording started; no store was written" if not resume else "interrupted")
         raise typer.Exit(130) from None
     if not torchrun_worker():
         _after_record(path, quiet)
+
+
+_TERMINATED: list[int] = []
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (a scheduler's time limit, torchrun stopping the ranks of a failed run): end like Ctrl-C."""
+    _TERMINATED.append(signum)
+    raise KeyboardInterrupt
 
 
 def _quiet_exit() -> None:

@@ -30,7 +30,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +128,7 @@ def create_store(
     except OSError as exc:
         lock.release()
         raise _os_error(exc, f"cannot create the store {path}", path) from None
-    try:
+    with _released_on_failure(lock, f"creating the store {path} failed", path):
         rootmeta.write(
             path,
             {
@@ -152,13 +152,20 @@ def create_store(
         writer = StoreWriter(root, lock, path)
         writer.declare(streams)
         writer.write_attrs({"status": "running"})
+    return writer
+
+
+@contextlib.contextmanager
+def _released_on_failure(lock: StoreLock, what: str, store: Path) -> Iterator[None]:
+    """Release `lock` when the block fails; a file-system failure becomes one line saying `what` and how to go on."""
+    try:
+        yield
     except OSError as exc:
         lock.release()
-        raise _os_error(exc, f"creating the store {path} failed", path, resume=True) from None
+        raise _os_error(exc, what, store, resume=True) from None
     except BaseException:
         lock.release()
         raise
-    return writer
 
 
 def _clear(path: Path) -> None:
@@ -203,18 +210,12 @@ def open_for_resume(path: Path) -> StoreWriter:
         )
     lock = StoreLock(path)
     lock.acquire()
-    try:
+    with _released_on_failure(lock, f"cannot continue the store {path}", path):
         for leftover in path.rglob("*.partial"):
             leftover.unlink(missing_ok=True)
         root = zarr.open_group(LocalStore(path), mode="r+", zarr_format=3)
         writer = StoreWriter(root, lock, path)
         writer.write_attrs({"status": "running", "writer_process": _process_name()})
-    except OSError as exc:
-        lock.release()
-        raise _os_error(exc, f"cannot continue the store {path}", path, resume=True) from None
-    except BaseException:
-        lock.release()
-        raise
     return writer
 
 
