@@ -387,3 +387,39 @@ def test_resume_with_every_checkpoint_damaged_is_one_line_and_changes_nothing(tm
     assert resumed.returncode in (1, 2)
     assert "checkpoint" in line
     assert store_attrs(store)["committed"] == before
+
+
+def test_sigint_while_the_store_is_created_marks_it_interrupted_and_resumes(
+    tmp_path: Path, reference_store: Path
+) -> None:
+    """Ctrl-C inside store creation waits for the store to be whole (no zarr coroutine noise), then stops."""
+    store, marker = tmp_path / "creating.zarr", tmp_path / "creating"
+    proc = start_cli(
+        "wait-create", marker, "record", tiny_config(tmp_path), "--out", store, "--quiet", driver="record_hooked.py"
+    )
+    wait_until(marker.exists, proc, timeout=120)
+    proc.send_signal(signal.SIGINT)
+    marker.unlink()
+    out, err = proc.communicate(timeout=120)
+    line = one_error_line(err)
+    assert proc.returncode == 130
+    assert out == ""
+    assert "interrupted" in line
+    assert store_attrs(store)["status"] == "interrupted"
+    resumed = run_cli("record", "--resume", "--out", store, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_equal_stores(store, reference_store)
+
+
+def test_a_sweep_point_killed_while_its_store_was_created_is_recorded_when_the_sweep_reruns(tmp_path: Path) -> None:
+    cfg, out, marker = tiny_config(tmp_path), tmp_path / "sweep", tmp_path / "m"
+    args = ["sweep", cfg, "--grid", "data.seed=0,1", "--out", out, "--quiet", "--device", "cpu"]
+    killed = start_cli("bare-zarr", marker, *args, driver="record_hooked.py")
+    killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    stores = sorted(out.glob("*.zarr"))
+    assert len(stores) == 2
+    for store in stores:
+        assert StoreReader(store).status == "complete", store

@@ -24,6 +24,8 @@ themselves, `pause` moments create the file MARKER and sleep until the test kill
     compact:K      (for `compact`) kill right after the K-th rename of the compaction
     sigint-wait:K  after optimizer step K (params row 0 committed) create MARKER and wait for SIGINT
     wait-prepare   create MARKER before the data and models are built, then wait for SIGINT
+    wait-create    create MARKER while the store is being created (Ctrl-C held), wait until the
+                   test deletes MARKER, then finish creating it
     wait-close     create MARKER when the final close begins (Ctrl-C held), wait until the test
                    deletes MARKER, then close
     enospc:N       the disk is full after N more bytes: every later file write fails with ENOSPC
@@ -229,6 +231,17 @@ def install(moment: str, marker: Path) -> None:
                 time.sleep(0.05)
 
         run.prepare = prepare_after_sigint  # type: ignore[assignment]
+    elif name == "wait-create":
+        declare = StoreWriter.declare
+
+        def declare_when_told(self: StoreWriter, streams: Any) -> None:
+            if not marker.exists() and not (self.path / "params").exists():
+                marker.touch()
+                while marker.exists():
+                    time.sleep(0.01)
+            declare(self, streams)
+
+        StoreWriter.declare = declare_when_told  # type: ignore[method-assign]
     elif name == "wait-close":
         close = StoreWriter.close
 
