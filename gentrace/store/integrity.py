@@ -211,8 +211,8 @@ class StreamReport:
     stream: str
     arrays: int = 0
     rows: int = 0
-    chunks: int = 0
-    bytes: int = 0
+    chunks: int = 0  # chunk files read (shard files for compacted arrays)
+    bytes: int = 0  # uncompressed
     damaged: list[Damage] = field(default_factory=list)
 
     @property

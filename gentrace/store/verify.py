@@ -9,6 +9,7 @@ no fill value (-1), which catches damage in stores written before checksums (sch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,8 +57,10 @@ def _check_array(reader: StoreReader, array_path: str, rows: int | None, report:
         )
         need = int(array.shape[0])
     row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * np.dtype(array.dtype).itemsize
+    grid = array.shards if array.shards is not None else array.chunks  # files: shards of a compacted array
+    per_row_block = math.prod(math.ceil(n / c) for n, c in zip(array.shape[1:], grid[1:], strict=True))
     for first, last, error in read_blocks(array, need):
-        report.chunks += 1
+        report.chunks += math.ceil((last - first + 1) / grid[0]) * per_row_block
         report.bytes += (last - first + 1) * row_bytes
         if error is not None:
             _add(report, Damage(array_path, (first, last), reason_of(error)))
@@ -106,7 +109,7 @@ def _check_checkpoints(reader: StoreReader) -> StreamReport:
         report.rows += 1
         try:
             report.bytes += len(reader.checkpoint(step))
-            report.chunks += 1
+            report.chunks += 1  # a checkpoint is one chunk
         except GentraceError as exc:
             name = f"{schema.CHECKPOINT_GROUP}/{schema.checkpoint_name(step)}"
             report.damaged.append(Damage(name, None, reason_of(exc)))
