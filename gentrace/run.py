@@ -36,7 +36,7 @@ from gentrace import __version__
 from gentrace.config import RunConfig, from_dict, to_dict
 from gentrace.data import Dataset, build_data
 from gentrace.distributed import Dist, check_config, session
-from gentrace.errors import ConfigError, GentraceError, PeerFailed, StoreError, TrainingDiverged
+from gentrace.errors import ConfigError, PeerFailed, StoreError, TrainingDiverged
 from gentrace.losses import output_dim, resolve_loss
 from gentrace.models import apply_freeze, build_model
 from gentrace.record.base import RunContext
@@ -171,13 +171,23 @@ def _start_new(
     trainer, recorder, data = prepare(cfg, dev, dist)
     static = {**_static(data), **recorder.static()}
     attrs = _attrs(cfg, trainer, data, dev)
+    writer = _open_whole(
+        path, dist, dev, lambda: create_store(path, attrs, recorder.streams(), static, overwrite=overwrite)
+    )
+    _train(trainer, recorder, writer, path, observers)
+
+
+def _open_whole(
+    path: Path, dist: Dist, device: torch.device, open_store: Callable[[], StoreWriter]
+) -> StoreWriter | None:
+    """`open_store()` on rank 0 (`_on_main`), Ctrl-C held until it is done; one meanwhile closes it `interrupted`."""
     with held_interrupts() as held:
-        writer = _on_main(dist, dev, lambda: create_store(path, attrs, recorder.streams(), static, overwrite=overwrite))
+        writer = _on_main(dist, device, open_store)
     if held.pending:
         if writer is not None:
             writer.close("interrupted")
         raise Interrupted(path)
-    _train(trainer, recorder, writer, path, observers)
+    return writer
 
 
 class _Held:
@@ -257,15 +267,9 @@ def _resume(
         _start_new(point.cfg, path, dev, dist, observers, overwrite=True)
         return path
     trainer, recorder, _ = prepare(point.cfg, dev, dist)
-    checkpoint = point.checkpoint
-    extra = trainer.restore(checkpoint)  # before the store is touched: a bad checkpoint destroys nothing
+    extra = trainer.restore(point.checkpoint)  # before the store is touched: a bad checkpoint destroys nothing
     recorder.load_state(extra.get("probes", {}))
-    with held_interrupts() as held:
-        writer = _on_main(dist, dev, lambda: _reopen(path, point.keep, recorder, point.step))
-    if held.pending:
-        if writer is not None:
-            writer.close("interrupted")
-        raise Interrupted(path)
+    writer = _open_whole(path, dist, dev, lambda: _reopen(path, point.keep, recorder, point.step))
     recorder.resume(point.keep)
     _train(trainer, recorder, writer, path, observers)
     return path
@@ -301,7 +305,7 @@ def _resume_point(cfg: RunConfig | None, path: Path) -> _ResumePoint | None:
         try:
             payload = reader.checkpoint(last)
             _check_loadable(payload)
-        except (GentraceError, Exception) as exc:  # noqa: BLE001 - any unreadable checkpoint: try the one before
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint (GentraceError too): try the one before
             damaged.append(f"step {last} ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})")
             continue
         if damaged:

@@ -100,7 +100,7 @@ class StoreReader:
     def _rows_required(self, path: str) -> int:
         """Rows of `path` whose chunks must exist: the committed rows of a stream, every row otherwise."""
         stream = path.split("/", 1)[0]
-        if stream in self.streams() and path in self.streams()[stream]:
+        if path in self.streams().get(stream, []):
             return self.committed(stream)
         return sys.maxsize
 
@@ -167,11 +167,10 @@ class StoreReader:
 
         Reads of damaged chunks raise DamagedStoreError (gentrace.store.integrity).
         """
-        listed = any(path in paths for paths in self.streams().values())
         try:
             node = zarr.open_array(self._root.store, path=path, mode="r", zarr_format=3)
         except (KeyError, FileNotFoundError, zarr.errors.ArrayNotFoundError, zarr.errors.NodeTypeValidationError):
-            if listed:
+            if any(path in paths for paths in self.streams().values()):
                 raise DamagedStoreError(
                     f"{self.path}: the array {path} of this run is missing (no {path}/zarr.json); "
                     f"{verify_hint(self.path)}"
