@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-from gentrace import config
-from gentrace.run import record
+from gentrace.core import config
 from gentrace.store import schema
 from gentrace.store.integrity import CheckedStore, checked
+from gentrace.training.run import record
 
 
 @contextlib.contextmanager

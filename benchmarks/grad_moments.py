@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from gentrace.config import ModelConfig
-from gentrace.models import build_model
+from gentrace.core.config import ModelConfig
 from gentrace.moments.engine import MomentsEngine, probe_moments
+from gentrace.task.models import build_model
 
 INSTALL_HINT = "not installed (pip install -e '.[bench]')"
 INPUT_SHAPE = (1, 28, 28)

@@ -1,6 +1,6 @@
 """Input-gradient norms of 10,000 points: gentrace's batched routine vs a per-point autograd loop.
 
-Networks (gentrace.models.build_model, eval mode, parameters frozen):
+Networks (gentrace.task.models.build_model, eval mode, parameters frozen):
 
 - mlp: the 5-layer ReLU MLP of sample_configs/bth-cos2d.toml (input dim 10, 4 hidden layers of 128,
   one output): the gradient of the single output. 50k multiply-adds per point.
@@ -47,8 +47,8 @@ import torch
 from torch import nn
 
 from gentrace.analyses import lipschitz
-from gentrace.config import ModelConfig
-from gentrace.models import build_model
+from gentrace.core.config import ModelConfig
+from gentrace.task.models import build_model
 
 TARGET = 20.0
 NETWORKS: dict[str, tuple[ModelConfig, tuple[int, ...], int]] = {

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from gentrace import config
-from gentrace.run import prepare, record, resolve_device
+from gentrace.core import config
+from gentrace.training.run import prepare, record, resolve_device
 
 
 class DropRows:

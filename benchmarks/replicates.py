@@ -14,8 +14,8 @@ import statistics
 import time
 from pathlib import Path
 
-from gentrace import config
-from gentrace.run import prepare, resolve_device
+from gentrace.core import config
+from gentrace.training.run import prepare, resolve_device
 
 
 def train_time(cfg: config.RunConfig) -> float:

@@ -11,12 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from gentrace import config, run
-from gentrace.config import ModelConfig
-from gentrace.errors import ConfigError
-from gentrace.models import build_model
+from gentrace.core import config
+from gentrace.core.config import ModelConfig
+from gentrace.core.errors import ConfigError
 from gentrace.record.activations import pack_bits, relu_call_sites
 from gentrace.store.reader import StoreReader
+from gentrace.task.models import build_model
+from gentrace.training import run
 
 BASE = [
     "data.n_train=60",

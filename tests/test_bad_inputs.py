@@ -2,7 +2,7 @@
 
 Issue 12, items 9 and 10: read-only stores and mounts, a file where a directory should be, damaged
 array metadata, damaged sweep manifests, unusable `-o` files and devices, absurd sizes (refused by an
-estimate before anything is allocated, gentrace.budget) and numbers outside float32 or torch's seed
+estimate before anything is allocated, gentrace.task.budget) and numbers outside float32 or torch's seed
 range. Every case runs the real CLI in a subprocess and checks the exit code (2 bad input, 1 a
 damaged store), exactly one `error: ...` line on stderr that contains every expected name, and an
 empty stdout. The subprocesses run up front, a few at a time.
@@ -26,9 +26,10 @@ from typing import Any
 import pytest
 from conftest import ENV, TINY, concurrently, gentrace_cmd, one_error_line, run_cli, tiny_config
 
-from gentrace import budget, config
-from gentrace.cli_errors import file_error
-from gentrace.config import RunConfig
+from gentrace.cli.errors import file_error
+from gentrace.core import config
+from gentrace.core.config import RunConfig
+from gentrace.task import budget
 
 Make = Callable[[Path, Path], None]  # (path to create, the finished reference store)
 HAS_CUDA = Path("/dev/nvidiactl").exists()
@@ -433,8 +434,8 @@ ARCHS = [
 
 @pytest.mark.parametrize(("arch", "data", "options"), ARCHS, ids=[a[0] for a in ARCHS])
 def test_parameter_sizes_equal_the_built_model(arch: str, data: str, options: dict[str, Any]) -> None:
-    from gentrace.losses import output_dim, resolve_loss
-    from gentrace.models import build_model
+    from gentrace.task.losses import output_dim, resolve_loss
+    from gentrace.task.models import build_model
 
     cfg = config.from_dict({"data": {"name": data, "n_train": 10, "n_test": 10}, "model": {"arch": arch.split("-")[0]}})
     cfg = replace(cfg, model=replace(cfg.model, **options))
@@ -497,7 +498,7 @@ def test_an_os_error_without_a_file_keeps_its_traceback() -> None:
 
 def test_permission_denied_is_refused_before_anything(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """What a user without write permission sees (root, who runs the CLI cases above, is never denied)."""
-    from gentrace import preflight
+    from gentrace.training import preflight
 
     (tmp_path / "s.zarr" / "params").mkdir(parents=True)
     monkeypatch.setattr(preflight.os, "access", lambda *_: False)

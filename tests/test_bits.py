@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gentrace.analyses import bits
-from gentrace.errors import AnalysisInputError, ConfigError
+from gentrace.core.errors import AnalysisInputError, ConfigError
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,13 @@ import pytest
 import zarr
 from conftest import one_error_line, run_cli, tiny_config
 
-from gentrace import config, run
 from gentrace.analyses import gsnr, lipschitz, mi, osgr, paths, trajectory
-from gentrace.errors import StoreError
+from gentrace.core import config
+from gentrace.core.errors import StoreError
 from gentrace.store import compact as compact_mod
 from gentrace.store.reader import StoreReader
 from gentrace.store.writer import open_for_resume
+from gentrace.training import run
 
 # Every stream an analysis reads, two replicates and per-step evaluation (osgr).
 STREAMS = {

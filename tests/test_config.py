@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gentrace.config import (
+from gentrace.core.config import (
     QUICKSTART_TOML,
     LrDecay,
     RunConfig,
@@ -21,7 +21,7 @@ from gentrace.config import (
     to_dict,
     to_toml,
 )
-from gentrace.errors import ConfigError
+from gentrace.core.errors import ConfigError
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_configs"
 SAMPLE_CONFIGS = sorted(SAMPLE_DIR.glob("*.toml"))

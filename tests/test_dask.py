@@ -27,9 +27,9 @@ from typer.testing import CliRunner
 from gentrace.analyses import dask_backend, gsnr, mi, paths
 from gentrace.analyses import plan as chunks
 from gentrace.cli import app
-from gentrace.errors import ConfigError
+from gentrace.core.errors import ConfigError
 from gentrace.store.reader import StoreReader
-from gentrace.sweep import over_stores
+from gentrace.training.sweep import over_stores
 
 distributed = pytest.importorskip("dask.distributed")
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from fake_torchvision import FakeSplits, write_fake_cifar10, write_fake_mnist
 
-from gentrace.config import DataConfig
-from gentrace.data import (
+from gentrace.core.config import DataConfig
+from gentrace.core.errors import ConfigError, DataError
+from gentrace.task.data import (
     BALL_SINUSOID_AMPLITUDE,
     BALL_SINUSOID_OMEGA,
     Dataset,
@@ -19,7 +20,6 @@ from gentrace.data import (
     cos2d_map,
     sinusoid_directions,
 )
-from gentrace.errors import ConfigError, DataError
 
 SYNTHETIC = ["sinusoid", "ball-sinusoid", "cos2d", "product", "sparse-noise"]
 IMAGES = ["digits", "mnist", "fashion-mnist", "cifar10"]

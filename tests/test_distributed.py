@@ -21,11 +21,12 @@ import torch
 from conftest import StopAt
 from torch import nn
 
-from gentrace import config, run
-from gentrace.distributed import Dist, check_config
-from gentrace.errors import ConfigError
+from gentrace.core import config
+from gentrace.core.errors import ConfigError
+from gentrace.reporting.summary import render, summarize
 from gentrace.store.reader import StoreReader
-from gentrace.summary import render, summarize
+from gentrace.training import run
+from gentrace.training.distributed import Dist, check_config
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 values of order 1-10 summed in another order over ~100 samples
 

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from conftest import StopAt
 from reference_moments import moments_of, per_sample_grads
 
-from gentrace import config, run
-from gentrace.models import build_model
+from gentrace.core import config
 from gentrace.store.reader import StoreReader
+from gentrace.task.models import build_model
+from gentrace.training import run
 
 BASE = [
     "data.n_train=40",

@@ -16,7 +16,7 @@ from conftest import one_error_line, run_cli
 from reference import SHAPES, gsnr_summary, param_stats, random_grads, write_store
 
 from gentrace.analyses import ANALYSES, gsnr
-from gentrace.errors import AnalysisInputError, MissingStreamError
+from gentrace.core.errors import AnalysisInputError, MissingStreamError
 from gentrace.store.reader import StoreReader
 
 RTOL = 1e-5

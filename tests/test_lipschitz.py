@@ -12,13 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from gentrace import config, run
 from gentrace.analyses import lipschitz
 from gentrace.analyses.mi_references import rebuild_data
-from gentrace.config import ModelConfig
-from gentrace.errors import AnalysisInputError, MissingStreamError
-from gentrace.models import build_model
+from gentrace.core import config
+from gentrace.core.config import ModelConfig
+from gentrace.core.errors import AnalysisInputError, MissingStreamError
 from gentrace.store.reader import StoreReader
+from gentrace.task.models import build_model
+from gentrace.training import run
 
 RTOL, ATOL = 1e-4, 1e-6  # float32 batched values vs float64 references
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from gentrace import config, run
-from gentrace.models import build_model
+from gentrace.core import config
 from gentrace.store.reader import StoreReader
+from gentrace.task.models import build_model
+from gentrace.training import run
 
 
 def _grad_norm(model: torch.nn.Module, x: torch.Tensor, pick_argmax: bool) -> np.ndarray:

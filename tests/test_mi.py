@@ -14,11 +14,13 @@ from conftest import one_error_line, run_cli, tiny_config
 from matplotlib.image import imread
 from reference import entropy_by_counting, mi_by_counting
 
-from gentrace import config, plots, run
-from gentrace.analyses import ANALYSES, mi, mi_references
+from gentrace.analyses import ANALYSES, information, mi, mi_references
+from gentrace.core import config
+from gentrace.reporting import plots
 from gentrace.store import schema
 from gentrace.store.lock import StoreLock
 from gentrace.store.reader import StoreReader
+from gentrace.training import run
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_configs"
 RTOL, ATOL = 1e-9, 1e-12
@@ -98,7 +100,7 @@ def test_null_model_matches_the_target_information() -> None:
     labels = np.array([300.0, 700.0])
     for target in (0.0, 0.1, 0.5, 0.8):
         p = mi.null_p(labels, target)
-        assert mi.null_information(labels, p) == pytest.approx(target, abs=1e-9)
+        assert information.null_information(labels, p) == pytest.approx(target, abs=1e-9)
     rng = np.random.default_rng(2)
     y = rng.integers(0, 2, 1000)
     f = noisy_copy(rng, y, 2, 0.6)[None]

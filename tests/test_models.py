@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from gentrace.config import ModelConfig
-from gentrace.errors import ConfigError
-from gentrace.models import MLP, apply_freeze, build_model, first_layer_bias_name, resolve_names
+from gentrace.core.config import ModelConfig
+from gentrace.core.errors import ConfigError
+from gentrace.task.models import MLP, apply_freeze, build_model, first_layer_bias_name, resolve_names
 
 ARCHS = ["mlp", "cnn", "resnet18", "vgg11", "alexnet"]
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from reference_moments import moments_of, per_sample_grads
 from torch import nn
 
-from gentrace.config import ModelConfig
-from gentrace.models import build_model
+from gentrace.core.config import ModelConfig
 from gentrace.moments.accumulator import Moments, TensorMoments, stats_of
 from gentrace.moments.engine import MomentsEngine, backward_for_moments, probe_moments
+from gentrace.task.models import build_model
 
 
 class EmbeddingNet(nn.Module):

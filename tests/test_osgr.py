@@ -15,7 +15,7 @@ from conftest import one_error_line, run_cli
 from reference import osgr_lhs, osgr_rhs, pearson, random_grads, write_store
 
 from gentrace.analyses import ANALYSES, osgr
-from gentrace.errors import AnalysisInputError, MissingStreamError
+from gentrace.core.errors import AnalysisInputError, MissingStreamError
 from gentrace.store.reader import StoreReader
 
 RTOL = 1e-5

@@ -21,9 +21,9 @@ import torch
 from conftest import one_error_line, run_cli
 from matplotlib.image import imread
 
-from gentrace import plots
 from gentrace.analyses import ANALYSES, paths
-from gentrace.errors import AnalysisInputError, MissingStreamError
+from gentrace.core.errors import AnalysisInputError, MissingStreamError
+from gentrace.reporting import plots
 from gentrace.store import schema
 from gentrace.store.reader import StoreReader
 from gentrace.store.writer import RowBlock, create_store

@@ -1,4 +1,4 @@
-"""gentrace.plots and `gentrace plot`: the PNG opens and has the documented pixel size."""
+"""gentrace.reporting.plots and `gentrace plot`: the PNG opens and has the documented pixel size."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import one_error_line, run_cli
 from matplotlib.image import imread
 from reference import random_grads, write_store
 
-from gentrace import plots
+from gentrace.reporting import plots
 from gentrace.store.reader import StoreReader
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
-from gentrace import config, plots, run
+from gentrace.core import config
+from gentrace.reporting import plots
 from gentrace.store.reader import StoreReader
+from gentrace.training import run
 
 TINY = [
     "data.name='cos2d'",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from gentrace import config
+from gentrace.core import config
 from gentrace.store.reader import StoreReader
 
 ROOT = Path(__file__).resolve().parents[1]

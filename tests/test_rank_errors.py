@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import typer
 
-from gentrace import cli
-from gentrace.cli_errors import user_errors
-from gentrace.errors import DataError, PeerFailed
+from gentrace.cli import app as cli
+from gentrace.cli.errors import user_errors
+from gentrace.core.errors import DataError, PeerFailed
 
 
 def _main(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:

@@ -14,9 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from gentrace import config, run
 from gentrace.analyses import mi
+from gentrace.core import config
 from gentrace.store.reader import StoreReader
+from gentrace.training import run
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_configs"
 

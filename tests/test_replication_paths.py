@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gentrace import config, run
 from gentrace.analyses import paths
+from gentrace.core import config
 from gentrace.store.reader import StoreReader
+from gentrace.training import run
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_configs"
 

@@ -1,4 +1,4 @@
-"""gentrace.report: every format round-trips a table; pieces stream; bad requests are ConfigErrors."""
+"""gentrace.cli.output over gentrace.reporting.tables: every format round-trips; pieces stream; bad requests fail."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gentrace import report
-from gentrace.errors import AnalysisInputError, ConfigError
+from gentrace.cli import output as report
+from gentrace.core.errors import AnalysisInputError, ConfigError
 
 
 def table(start: int = 0, rows: int = 3) -> pd.DataFrame:

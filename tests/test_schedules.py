@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from gentrace.schedules import Timeline, eval_steps, every_epochs, every_steps, timeline
+from gentrace.core.schedules import Timeline, eval_steps, every_epochs, every_steps, timeline
 
 
 def brute_steps_per_epoch(n_train: int, batch_size: int) -> int:

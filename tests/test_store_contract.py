@@ -25,7 +25,7 @@ import zarr
 import zarr.core.array
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from gentrace.errors import SchemaVersionError, StoreError, WriterError
+from gentrace.core.errors import SchemaVersionError, StoreError, WriterError
 from gentrace.store import schema
 from gentrace.store.reader import StoreReader
 from gentrace.store.schema import StreamSpec

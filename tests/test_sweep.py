@@ -9,10 +9,10 @@ import pytest
 from conftest import tiny_config
 from typer.testing import CliRunner
 
-from gentrace import sweep
 from gentrace.cli import app
-from gentrace.errors import ConfigError
+from gentrace.core.errors import ConfigError
 from gentrace.store.reader import StoreReader
+from gentrace.training import sweep
 
 FAST = {
     "train": {"epochs": 1},
@@ -77,7 +77,8 @@ def test_sweep_end_to_end_and_rerun_skips(tmp_path: Path) -> None:
 
 def test_resume_of_an_interrupted_point(tmp_path: Path) -> None:
     """A store left `interrupted` is continued with resume=True and ends complete."""
-    from gentrace import config, run
+    from gentrace.core import config
+    from gentrace.training import run
 
     cfg_path = tiny_config(tmp_path, **FAST)
     out = tmp_path / "sweep"

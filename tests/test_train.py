@@ -9,10 +9,11 @@ import pytest
 import torch
 from conftest import StopAt
 
-from gentrace import config, run
-from gentrace.losses import per_sample_loss, sample_error
-from gentrace.models import build_model
+from gentrace.core import config
 from gentrace.store.reader import StoreReader
+from gentrace.task.losses import per_sample_loss, sample_error
+from gentrace.task.models import build_model
+from gentrace.training import run
 
 TINY = [
     "data.n_train=120",

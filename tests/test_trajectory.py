@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from gentrace import config, run
 from gentrace.analyses import trajectory
 from gentrace.cli import app
+from gentrace.core import config
 from gentrace.store.reader import StoreReader
+from gentrace.training import run
 
 # cos2d regression (err = |f(x) - y|), SGD without momentum, 2 replicates, 3 epochs of 5 steps.
 TINY = [

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
-from gentrace.errors import AnalysisInputError, ConfigError
+from gentrace.core.errors import AnalysisInputError, ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +49,9 @@ METHODS: tuple[str, ...] = get_args(Method)
 
 # Unpacked operand bytes per unit block: 2000 probes x 65,536 units in int8. Larger blocks run the
 # int8 matmul faster (2000 x 100,000 on 2 cores: 0.94 s with 32k-unit blocks, 0.76 s with 64k).
-DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")  # what --device accepts (gentrace.run.resolve_device likewise)
+DEVICE = re.compile(
+    r"^(auto|cpu|cuda(:\d+)?)$"
+)  # what --device accepts (gentrace.training.run.resolve_device likewise)
 BLOCK_BYTES = 128 * 2**20
 MIN_BLOCK_UNITS = 8192
 # Rows per diagonal block of a Gram matrix: small enough to skip ~40% of the work below the

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from gentrace.analyses.plan import Plan, Task
-from gentrace.errors import ConfigError, GentraceError
+from gentrace.core.errors import ConfigError, GentraceError
 
 LOCAL = "local"
 CONNECT_TIMEOUT_S = 10

@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from gentrace.analyses import plan as chunks
-from gentrace.errors import AnalysisInputError, StoreError
+from gentrace.core.errors import AnalysisInputError, StoreError
+from gentrace.store import schema
 from gentrace.store.reader import StoreReader
 
 By = Literal["model", "layer", "param"]
@@ -44,7 +45,6 @@ COLUMNS: dict[str, list[str]] = {
     "layer": ["step", "epoch", "replicate", "layer", "gsnr_mean", "gsnr_median", "same_sign", "n", "zero_variance"],
     "param": ["step", "epoch", "replicate", "layer", "index", "gsnr", "same_sign", "grad_mean", "grad_var", "n"],
 }
-MISSING = ("gradient moments", "record.grad_moments.every_epochs")
 
 
 def moments(
@@ -264,7 +264,7 @@ def plan(
     """
     if by not in BY:
         raise AnalysisInputError(f"gsnr: by must be one of {', '.join(BY)}, not {by!r}")
-    reader.require("grad", *MISSING)
+    reader.require(schema.GRAD)
     steps = reader.array("grad/step")
     rows = len(steps)  # read once: a live run may commit more rows while this runs
     epochs = epochs_of(reader, steps)

@@ -48,11 +48,12 @@ from torch import nn
 from gentrace.analyses.bits import resolve_device
 from gentrace.analyses.gsnr import epochs_of
 from gentrace.analyses.mi_references import rebuild_data
-from gentrace.config import from_dict
-from gentrace.errors import AnalysisInputError
-from gentrace.losses import output_dim, resolve_loss
-from gentrace.models import build_model
+from gentrace.core.config import from_dict
+from gentrace.core.errors import AnalysisInputError
+from gentrace.store import schema
 from gentrace.store.reader import StoreReader
+from gentrace.task.losses import output_dim, resolve_loss
+from gentrace.task.models import build_model
 
 WHERE = ("train", "test", "far", "all")
 GROUPS = {
@@ -70,7 +71,6 @@ FAR_SEED = 0
 # has no such cache cliff and wants large launches: 2^22 (5350 28x28 images, ~0.3 GB per cnn activation)
 CHUNK_ELEMENTS = {"cpu": 2**17, "cuda": 2**22}
 MAX_CHUNK = 16384
-MISSING = ("parameter snapshots", "record.params.every_epochs")
 
 
 # -- pure helpers ---------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ def run(
     """
     groups = groups_of(where)
     quantile_columns(quantiles)  # fail on bad levels before the slow part
-    reader.require("params", *MISSING)
+    reader.require(schema.PARAMS)
     dev = torch.device(resolve_device(device))  # a device that is not there is refused before the slow part
     model = _model(reader).to(dev).eval()
     model.requires_grad_(False)  # input gradients only

@@ -16,7 +16,7 @@ Nakkiran et al. 2019 (shared/papers/sgd-increasing-complexity-mutual-information
   128, CNN_EPOCHS epochs, cross-entropy) on replicate m's training inputs labelled by the network's
   predictions at the last recorded step; seeded by `model.seed`. Image data only.
 
-The data set is rebuilt from the stored config (gentrace.data.build_data) and checked against the
+The data set is rebuilt from the stored config (gentrace.task.data.build_data) and checked against the
 stored `data/train_index` and `data/test_index`, so the reference predicts exactly the samples the
 run's predictions cover. Each reference is stored as `derived/mi/<reference>/<split>` [M, n_split]
 int16 (gentrace.store.schema.mi_reference_array) with attrs naming the step it was fitted on; a
@@ -39,12 +39,13 @@ import zarr
 from torch import nn
 from zarr.storage import LocalStore
 
-from gentrace.config import from_dict
-from gentrace.data import Dataset, build_data
-from gentrace.errors import AnalysisInputError, StoreError
+from gentrace.analyses import information
+from gentrace.core.config import from_dict
+from gentrace.core.errors import AnalysisInputError, StoreError
 from gentrace.store import schema
 from gentrace.store.lock import StoreLock
 from gentrace.store.reader import StoreReader
+from gentrace.task.data import Dataset, build_data
 
 REFERENCES = ("linear", "fit-linear", "cnn2", "cnn4", "cnn6")
 LOGISTIC_C = 1.0
@@ -148,16 +149,14 @@ def _target_step(reader: StoreReader, name: str) -> list[int]:
         )
     if name != "fit-linear":
         return [int(steps[-1])] * int(reader.array("data/train_index").shape[0])
-    from gentrace.analyses import mi
-
     linear = reference_predictions(reader, "linear", "test")
     labels = reader.array("data/labels_test")
-    k = mi.check_classification(reader)
+    k = information.check_classification(reader)
     out = []
     for m in range(linear.shape[0]):
-        mi_ly = float(mi.mutual_information(mi.joint_counts([linear[m], labels], k))[0])
-        mi_fy = mi.mi_fy_by_step(reader, "test", m, labels, len(steps), k)  # row blocks, not the whole array
-        t0 = mi.first_reaching(mi_fy, mi_ly)
+        mi_ly = float(information.mutual_information(information.joint_counts([linear[m], labels], k))[0])
+        mi_fy = information.mi_fy_by_step(reader, "test", m, labels, len(steps), k)  # row blocks, not the whole array
+        t0 = information.first_reaching(mi_fy, mi_ly)
         out.append(int(steps[-1] if t0 is None else steps[t0]))
     return out
 

@@ -36,8 +36,9 @@ import numpy as np
 import pandas as pd
 
 from gentrace.analyses import plan as chunks
-from gentrace.analyses.gsnr import MISSING, ZERO_VARIANCE_RTOL, epochs_of, moments
-from gentrace.errors import AnalysisInputError
+from gentrace.analyses.gsnr import ZERO_VARIANCE_RTOL, epochs_of, moments
+from gentrace.core.errors import AnalysisInputError
+from gentrace.store import schema
 from gentrace.store.reader import StoreReader
 
 COLUMNS = ["step", "epoch", "osgr_lhs", "osgr_rhs", "osgr_rhs_weighted", "n"]
@@ -254,7 +255,7 @@ def run(reader: StoreReader, summary: bool = False, *, rtol: float = ZERO_VARIAN
         MissingStreamError: no gradient moments or no metrics.
         AnalysisInputError: fewer than 2 replicates, unequal n, or no step with metrics at t and t + 1.
     """
-    reader.require("grad", *MISSING)
+    reader.require(schema.GRAD)
     steps = reader.array("grad/step")
     rows = len(steps)
     n_all = np.asarray(reader.lazy("grad/n")[:rows])
@@ -263,7 +264,7 @@ def run(reader: StoreReader, summary: bool = False, *, rtol: float = ZERO_VARIAN
             f"{reader.path} has {n_all.shape[1]} replicate; OSGR (eq. 21-22) compares M >= 2 models trained "
             "from one initialization on disjoint sets: set train.replicates (e.g. --set train.replicates=4)"
         )
-    reader.require("metrics", "train and test losses", "record.eval_every_steps")
+    reader.require(schema.METRICS)
     metric_step = reader.array("metrics/step")
     rows_m = len(metric_step)
     train_loss = np.asarray(reader.lazy("metrics/train_loss")[:rows_m])

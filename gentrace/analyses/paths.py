@@ -51,7 +51,8 @@ import pandas as pd
 
 from gentrace.analyses import bits
 from gentrace.analyses import plan as chunks
-from gentrace.errors import AnalysisInputError, MissingStreamError, StoreError
+from gentrace.core.errors import AnalysisInputError, MissingStreamError, StoreError
+from gentrace.store import schema
 from gentrace.store.reader import StoreReader
 
 Kind = Literal["overlap", "cross", "self", "rank", "ratio"]
@@ -62,7 +63,6 @@ RANK_COLUMNS = ["epoch", "layer", "kind", "base", "neighbours", "changed", "sym_
 RANK_PAIR_COLUMNS = ["epoch", "layer", "kind", "base", "other", "overlap", "rank"]
 RATIO_COLUMNS = ["layer", "kind", "decay_epoch", "early_epochs", "mid_epochs", "early_mean", "mid_mean", "ratio"]
 NEAREST = 6  # the paper's Figure 6 follows the nearest 6 neighbours of a base image
-MISSING = ("activation bitmasks", "record.activations.every_epochs")
 NO_DECAY = "this run has no learning-rate decay; set train.lr_decay.every_epochs"
 
 
@@ -374,7 +374,7 @@ def _steps_per_epoch(reader: StoreReader) -> int:
 # -- the store -------------------------------------------------------------------------------------------
 def layers_of(reader: StoreReader, layer: str = "all") -> list[str]:
     """The call sites to analyze: every one for "all", else `layer` (an AnalysisInputError naming the known ones)."""
-    reader.require("acts", *MISSING)
+    reader.require(schema.ACTS)
     known = reader.act_layers()
     if layer == "all":
         return known

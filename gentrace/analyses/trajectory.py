@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from gentrace.analyses import plan as chunks
-from gentrace.errors import AnalysisInputError, MissingStreamError
+from gentrace.core.errors import AnalysisInputError, MissingStreamError
 from gentrace.store.reader import StoreReader
 
 By = Literal["replicate", "epoch", "step"]

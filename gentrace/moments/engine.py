@@ -88,7 +88,7 @@ class MomentsEngine:
         self.signs = signs  # False: sums only (pos and neg stay 0), for measuring what the counts cost
         self.mean_loss = False
         # mean_loss: what undoes the loss's per-sample weight; None = the batch length (a plain mean).
-        # Under torchrun a rank's piece of a batch of B carries world / B, so B / world (gentrace.distributed).
+        # Under torchrun a rank's piece of a batch of B carries world / B, so B / world (gentrace.training.distributed).
         self.delta_scale: float | None = None
         self.active = False
         self.moments = Moments()

@@ -9,7 +9,7 @@ a convolutional layer's units are all of its C x H x W positions). A module call
 per forward (torchvision's BasicBlock reuses one ReLU) gets one layer per call site,
 `layer1.0.relu@0`, `layer1.0.relu@1`. Only nn.ReLU modules are seen, not functional relu calls.
 Hooks exist only during that pass. Under torchrun each rank runs its contiguous piece of the probe
-set and rank 0 receives the rows in sample order (gentrace.distributed).
+set and rank 0 receives the rows in sample order (gentrace.training.distributed).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from gentrace.errors import ConfigError
+from gentrace.core.errors import ConfigError
+from gentrace.core.schedules import every_epochs
 from gentrace.record.base import Probe, RunContext
-from gentrace.schedules import every_epochs
 from gentrace.store import schema
 from gentrace.store.writer import RowBlock
 

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gentrace.config import RunConfig
-from gentrace.data import Dataset
-from gentrace.distributed import Dist
-from gentrace.losses import LossName
-from gentrace.schedules import Timeline
+from gentrace.core.config import RunConfig
+from gentrace.core.schedules import Timeline
 from gentrace.store.schema import StreamSpec
 from gentrace.store.writer import RowBlock
+from gentrace.task.data import Dataset
+from gentrace.task.losses import LossName
+from gentrace.training.distributed import Dist
 
 
 @dataclass
@@ -39,7 +39,7 @@ class RunContext:
         device: where the models live.
         checkpoint: serializes model, optimizer, RNG and probe state (for resume) when called.
         dist: this process's rank among the processes of a torchrun launch (Dist() when alone);
-            probes split their passes with it and combine the pieces (gentrace.distributed).
+            probes split their passes with it and combine the pieces (gentrace.training.distributed).
         sample_weight: under torchrun, the weight world / B that each sample's loss carries in the
             current training step's backward; None when alone (the backward is of the batch mean).
     """

@@ -1,15 +1,15 @@
 """Model outputs on whole splits at a step, computed once and shared by the metrics and preds probes.
 
 Under torchrun each rank computes the outputs of its contiguous piece of the split and every rank
-receives the whole [M, n_split, out] in sample order (gentrace.distributed).
+receives the whole [M, n_split, out] in sample order (gentrace.training.distributed).
 """
 
 from __future__ import annotations
 
 import torch
 
-from gentrace.losses import per_sample_loss
 from gentrace.record.base import RunContext
+from gentrace.task.losses import per_sample_loss
 
 EVAL_BATCH = 1024
 

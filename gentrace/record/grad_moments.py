@@ -14,7 +14,7 @@ sum_i g_iq, sum_i g_iq^2 and the sign counts over a sample set, from which every
 Frozen tensors (model.freeze) have no moments.
 
 Under torchrun each rank accumulates its own samples (its piece of the probe set, or its piece of
-each training batch) and a row is the all-reduced sum (gentrace.distributed). For train-batches the
+each training batch) and a row is the all-reduced sum (gentrace.training.distributed). For train-batches the
 pieces are also summed into rank 0 at every parameter snapshot, so the partial accumulation a resume
 checkpoint saves is the whole run's, not rank 0's share.
 """
@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 from torch.utils.hooks import RemovableHandle
 
-from gentrace.losses import per_sample_loss
+from gentrace.core.schedules import every_epochs, every_steps
 from gentrace.moments.accumulator import Moments
 from gentrace.moments.engine import MomentsEngine, probe_moments
 from gentrace.record.base import Probe, RunContext, StepInfo
-from gentrace.schedules import every_epochs, every_steps
 from gentrace.store import schema
 from gentrace.store.writer import RowBlock
+from gentrace.task.losses import per_sample_loss
 
 # Samples per forward/backward of the probe pass (the moments do not depend on it).
 PROBE_BATCH = 256

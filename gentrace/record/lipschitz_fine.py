@@ -26,9 +26,9 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from gentrace.core.schedules import every_steps
 from gentrace.moments.engine import not_the_loss
 from gentrace.record.base import Probe, RunContext
-from gentrace.schedules import every_steps
 from gentrace.store import schema
 from gentrace.store.writer import RowBlock
 

@@ -10,12 +10,12 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from gentrace.losses import correct
+from gentrace.core.schedules import eval_steps
 from gentrace.record.base import Probe, RunContext, StepInfo
 from gentrace.record.evaluator import Evaluator
-from gentrace.schedules import eval_steps
 from gentrace.store import schema
 from gentrace.store.writer import RowBlock
+from gentrace.task.losses import correct
 
 
 class MetricsProbe(Probe):

@@ -14,11 +14,11 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from gentrace.models import resolve_names
+from gentrace.core.schedules import every_epochs, every_steps
 from gentrace.record.base import Probe, RunContext, host
-from gentrace.schedules import every_epochs, every_steps
 from gentrace.store import schema
 from gentrace.store.writer import RowBlock
+from gentrace.task.models import resolve_names
 
 
 class TensorSnapshotProbe(Probe):
@@ -37,7 +37,7 @@ class TensorSnapshotProbe(Probe):
         # Snapshots that carry a checkpoint are written at once; fine snapshots of a few small
         # tensors are batched into blocks of whole chunks.
         self.stream_spec = schema.tensor_stream(
-            self.name, len(self.steps), len(ctx.models), self.shapes, batched=not checkpoints
+            schema.TENSOR_STREAMS[stream], len(self.steps), len(ctx.models), self.shapes, batched=not checkpoints
         )
         self.buffer_limit = self.stream_spec.arrays[0].rows_per_chunk
         self.checkpoint_every_s = ctx.cfg.record.checkpoint_every_s

@@ -6,13 +6,13 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from gentrace.config import is_regression
-from gentrace.losses import predict
+from gentrace.core.config import is_regression
+from gentrace.core.schedules import every_epochs, every_steps
 from gentrace.record.base import Probe, RunContext
 from gentrace.record.evaluator import Evaluator
-from gentrace.schedules import every_epochs, every_steps
 from gentrace.store import schema
 from gentrace.store.writer import RowBlock
+from gentrace.task.losses import predict
 
 
 class PredictionsProbe(Probe):

@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from gentrace.errors import StoreError
+from gentrace.core.errors import StoreError
 from gentrace.store import rootmeta, schema
 from gentrace.store.lock import StoreLock
 from gentrace.store.reader import StoreReader, disk_usage

@@ -36,7 +36,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from gentrace.errors import DamagedStoreError, GentraceError
+from gentrace.core.errors import DamagedStoreError, GentraceError
 from gentrace.store import rootmeta
 
 # "params/0.weight/c.5.0.0": the array path, then the chunk's grid index (default encoding, "." separator).

@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from gentrace.errors import StoreError
+from gentrace.core.errors import StoreError
 
 # How long `acquire` keeps trying while the lock is held (a live writer holds it for good; a
 # reader's probe for microseconds).

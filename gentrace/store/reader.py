@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from gentrace.errors import DamagedStoreError, MissingStreamError, SchemaVersionError, StoreError
+from gentrace.core.errors import DamagedStoreError, MissingStreamError, SchemaVersionError, StoreError
 from gentrace.store import schema
 from gentrace.store.integrity import CheckedArray, CheckedStore, checked, verify_hint
 from gentrace.store.lock import is_locked
@@ -99,7 +99,7 @@ class StoreReader:
 
     def _rows_required(self, path: str) -> int:
         """Rows of `path` whose chunks must exist: the committed rows of a stream, every row otherwise."""
-        stream = path.split("/", 1)[0]
+        stream = schema.stream_of(path)
         if path in self.streams().get(stream, []):
             return self.committed(stream)
         return sys.maxsize
@@ -135,26 +135,23 @@ class StoreReader:
         """Whether the run records this stream at all."""
         return stream in self.streams()
 
-    def require(self, stream: str, what: str, key: str) -> None:
+    def require(self, stream: schema.Stream) -> None:
         """Raise MissingStreamError ("this run has no <what>; record them with <key>") if absent or empty."""
-        if not self.has(stream) or self.committed(stream) == 0:
+        if not self.has(stream.name) or self.committed(stream.name) == 0:
+            what, key = stream.missing()
             raise MissingStreamError(f"{self.path}: this run has no {what}; record them with {key}")
 
     def tensor_names(self, stream: str) -> list[str]:
         """Tensor names of a snapshot stream (`params`, `params_fine`), in recording order."""
-        prefix = f"{stream}/"
-        skip = {f"{stream}/step", f"{stream}/epoch"}
-        return [p[len(prefix) :] for p in self.streams().get(stream, []) if p not in skip]
+        return schema.TENSOR_STREAMS[stream].tensors_in(self.streams().get(stream, []))
 
     def grad_tensor_names(self) -> list[str]:
         """Tensor names with gradient moments (`grad/<tensor>/sum` ...), in recording order."""
-        suffix = "/sum"
-        return [p[len("grad/") : -len(suffix)] for p in self.streams().get("grad", []) if p.endswith(suffix)]
+        return schema.GRAD.tensors_in(self.streams().get(schema.GRAD.name, []))
 
     def act_layers(self) -> list[str]:
         """ReLU call sites with activation bitmasks (`acts/<layer>/bits`), in forward order."""
-        suffix = "/bits"
-        return [p[len("acts/") : -len(suffix)] for p in self.streams().get("acts", []) if p.endswith(suffix)]
+        return schema.ACTS.layers_in(self.streams().get(schema.ACTS.name, []))
 
     # -- arrays -------------------------------------------------------------------------------
     def array(self, path: str) -> np.ndarray:
@@ -195,8 +192,8 @@ class StoreReader:
             yield start, np.asarray(array[start : min(rows, start + block)])
 
     def _rows_of(self, path: str, array: zarr.Array) -> int:
-        stream = path.split("/", 1)[0]
-        if stream == "data" or stream not in self.streams():
+        stream = schema.stream_of(path)
+        if stream == schema.DATA.name or stream not in self.streams():
             return int(array.shape[0])
         committed = self.committed(stream)
         if int(array.shape[0]) < committed:
@@ -215,7 +212,7 @@ class StoreReader:
 
     def epochs(self, stream: str) -> np.ndarray:
         """Completed epochs at each committed row of `stream` [rows] (step // steps_per_epoch)."""
-        return self.array(f"{stream}/step") // int(self.attrs["steps_per_epoch"])
+        return self.array(schema.STREAMS[stream].step) // int(self.attrs["steps_per_epoch"])
 
     def checkpoint(self, step: int) -> bytes:
         """The serialized training state saved with the parameter snapshot at `step`."""
@@ -232,8 +229,8 @@ class StoreReader:
 
     def array_paths(self) -> list[str]:
         """Every array in the store (static and streamed)."""
-        data = self._root.get("data", None)
-        paths = [f"data/{name}" for name in data.array_keys()] if isinstance(data, zarr.Group) else []
+        data = self._root.get(schema.DATA.name, None)
+        paths = [schema.DATA.path(name) for name in data.array_keys()] if isinstance(data, zarr.Group) else []
         for stream_paths in self.streams().values():
             paths.extend(stream_paths)
         return paths

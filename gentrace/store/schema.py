@@ -20,7 +20,7 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import google_crc32c
 import numcodecs
@@ -162,8 +162,232 @@ class StreamSpec:
         return f"{self.name}/step"
 
 
-def _step(stream: str, rows_per_chunk: int = 1) -> ArraySpec:
-    return ArraySpec(f"{stream}/step", (), "int64", "index", rows_per_chunk)
+# -- names: every stream, array path and the config key that records it ---------------------------
+@dataclass(frozen=True)
+class Stream:
+    """The names of one stream: its store group, the config key that records it, what it holds.
+
+    Probes, the reader and the analyses ask a Stream for paths (`GRAD.moment("0.weight", "sum")`) and
+    for the "how to record it" text of a missing-stream error; no other module spells a path.
+
+    Attributes:
+        name: the group and the key of the root attr `committed`, e.g. "grad".
+        config_key: the config key that turns the stream on, e.g. "record.grad_moments.every_epochs".
+        what: what the rows are, for errors ("this run has no <what>; record them with <config_key>").
+    """
+
+    name: str
+    config_key: str
+    what: str
+
+    def path(self, *parts: str) -> str:
+        """`<name>/<part>/...`: an array of this stream."""
+        return "/".join((self.name, *parts))
+
+    @property
+    def step(self) -> str:
+        """`<name>/step` [rows] int64: the optimizer step of each row (every stream has it)."""
+        return self.path("step")
+
+    @property
+    def epoch(self) -> str:
+        """`<name>/epoch` [rows] int32: completed epochs at each row (metrics, acts, params)."""
+        return self.path("epoch")
+
+    def missing(self) -> tuple[str, str]:
+        """(what, config_key): the arguments of StoreReader.require."""
+        return self.what, self.config_key
+
+    def names_in(self, paths: Sequence[str], suffix: str = "") -> list[str]:
+        """The `<x>` of every `<name>/<x><suffix>` in `paths` (`step`/`epoch` skipped without a suffix), in order."""
+        prefix = f"{self.name}/"
+        skip = {self.step, self.epoch}
+        found = []
+        for p in paths:
+            if not p.startswith(prefix) or not p.endswith(suffix) or (not suffix and p in skip):
+                continue
+            found.append(p[len(prefix) : len(p) - len(suffix)])
+        return found
+
+
+@dataclass(frozen=True)
+class MetricsStream(Stream):
+    """`metrics/`: `<split>_loss`, `<split>_acc` [R, M], `lr` [R]; `metrics_fine/`: `batch_loss`, `batch_error`."""
+
+    def split_loss(self, split: str) -> str:
+        """`metrics/<split>_loss` [R, M] float32."""
+        return self.path(f"{split}_loss")
+
+    def split_acc(self, split: str) -> str:
+        """`metrics/<split>_acc` [R, M] float32 (NaN for regression)."""
+        return self.path(f"{split}_acc")
+
+    @property
+    def lr(self) -> str:
+        """`<name>/lr` [rows] float64: the learning rate in force."""
+        return self.path("lr")
+
+    @property
+    def batch_loss(self) -> str:
+        """`metrics_fine/batch_loss` [F, M] float32: the step's mean batch loss."""
+        return self.path("batch_loss")
+
+    @property
+    def batch_error(self) -> str:
+        """`metrics_fine/batch_error` [F, M] float32: the step's batch error rate."""
+        return self.path("batch_error")
+
+
+@dataclass(frozen=True)
+class TensorStream(Stream):
+    """`params/<tensor>`, `params_fine/<tensor>` [S, M, *shape] snapshots."""
+
+    def tensor(self, name: str) -> str:
+        """`<stream>/<tensor>`."""
+        return self.path(name)
+
+    def tensors_in(self, paths: Sequence[str]) -> list[str]:
+        """Tensor names in a stream's paths, in recording order."""
+        return self.names_in(paths)
+
+
+@dataclass(frozen=True)
+class PredsStream(Stream):
+    """`preds/<split>` [Q, M, n_split]."""
+
+    def split(self, split: str) -> str:
+        """`preds/<split>`."""
+        return self.path(split)
+
+
+@dataclass(frozen=True)
+class GradStream(Stream):
+    """`grad/<tensor>/<moment>` [G, M, *shape], `grad/n`, `grad/loss_sum` [G, M] (SPEC section 4).
+
+    The moments of a tensor over a row's samples i: `sum` = sum_i g_i, `sumsq` = sum_i g_i^2 (float32),
+    `pos` = #{i: g_i > 0}, `neg` = #{i: g_i < 0} (int32). gentrace.moments keeps the same sign counts
+    as sign_sum = pos - neg and nonzero = pos + neg (one addition per sample each).
+    """
+
+    MOMENTS: ClassVar[tuple[str, ...]] = ("sum", "sumsq", "pos", "neg")
+    FLOAT_MOMENTS: ClassVar[tuple[str, ...]] = ("sum", "sumsq")
+
+    def moment(self, tensor: str, moment: str) -> str:
+        """`grad/<tensor>/<moment>`, moment in MOMENTS."""
+        if moment not in self.MOMENTS:
+            raise ValueError(f"unknown gradient moment {moment!r}; one of {', '.join(self.MOMENTS)}")
+        return self.path(tensor, moment)
+
+    @property
+    def n(self) -> str:
+        """`grad/n` [G, M] int64: samples in each row."""
+        return self.path("n")
+
+    @property
+    def loss_sum(self) -> str:
+        """`grad/loss_sum` [G, M] float64: their summed losses."""
+        return self.path("loss_sum")
+
+    def tensors_in(self, paths: Sequence[str]) -> list[str]:
+        """Tensor names with moments in a stream's paths, in recording order."""
+        return self.names_in(paths, f"/{self.MOMENTS[0]}")
+
+
+@dataclass(frozen=True)
+class ActsStream(Stream):
+    """`acts/<layer>/bits` [A, P, bytes], `acts/<layer>/values` [A, P, units]."""
+
+    def bits(self, layer: str) -> str:
+        """`acts/<layer>/bits`."""
+        return self.path(layer, "bits")
+
+    def values(self, layer: str) -> str:
+        """`acts/<layer>/values`."""
+        return self.path(layer, "values")
+
+    def layers_in(self, paths: Sequence[str]) -> list[str]:
+        """Call sites with bitmasks in a stream's paths, in forward order."""
+        return self.names_in(paths, "/bits")
+
+
+@dataclass(frozen=True)
+class LipschitzFineStream(Stream):
+    """`lipschitz_fine/mean`, `lipschitz_fine/max` [L, M]."""
+
+    @property
+    def mean(self) -> str:
+        """`lipschitz_fine/mean`."""
+        return self.path("mean")
+
+    @property
+    def max(self) -> str:
+        """`lipschitz_fine/max`."""
+        return self.path("max")
+
+
+@dataclass(frozen=True)
+class DataGroup(Stream):
+    """The static `data/` group (written once at creation; no row counter)."""
+
+    @property
+    def train_index(self) -> str:
+        """`data/train_index` [M, n] int64."""
+        return self.path("train_index")
+
+    @property
+    def test_index(self) -> str:
+        """`data/test_index` [n_test] int64."""
+        return self.path("test_index")
+
+    @property
+    def labels_train(self) -> str:
+        """`data/labels_train` [M, n]."""
+        return self.path("labels_train")
+
+    @property
+    def labels_test(self) -> str:
+        """`data/labels_test` [n_test]."""
+        return self.path("labels_test")
+
+    @property
+    def noise_mask(self) -> str:
+        """`data/noise_mask` [M, n] bool."""
+        return self.path("noise_mask")
+
+    @property
+    def probe_index(self) -> str:
+        """`data/probe_index` [P] int64: the activation probe samples' positions in replicate 0's subset."""
+        return self.path("probe_index")
+
+    def labels(self, split: str) -> str:
+        """`data/labels_<split>`."""
+        return self.path(f"labels_{split}")
+
+
+METRICS = MetricsStream("metrics", "record.eval_every_steps", "train and test losses")
+METRICS_FINE = MetricsStream("metrics_fine", "the training loop (every optimizer step)", "metrics_fine rows")
+PARAMS = TensorStream("params", "record.params.every_epochs", "parameter snapshots")
+PARAMS_FINE = TensorStream("params_fine", "record.params_fine.every_steps", "fine parameter snapshots")
+PREDS = PredsStream("preds", "record.predictions.every_epochs", "predictions")
+GRAD = GradStream("grad", "record.grad_moments.every_epochs", "gradient moments")
+ACTS = ActsStream("acts", "record.activations.every_epochs", "activation bitmasks")
+LIPSCHITZ_FINE = LipschitzFineStream("lipschitz_fine", "record.lipschitz_fine.every_steps", "fine Lipschitz rows")
+DATA = DataGroup("data", "", "data indices and labels")
+
+# Every stream, by its store name (the order `info` lists them in).
+STREAMS: dict[str, Stream] = {
+    s.name: s for s in (METRICS, METRICS_FINE, PARAMS, PARAMS_FINE, PREDS, GRAD, ACTS, LIPSCHITZ_FINE)
+}
+TENSOR_STREAMS: dict[str, TensorStream] = {PARAMS.name: PARAMS, PARAMS_FINE.name: PARAMS_FINE}
+
+
+def stream_of(path: str) -> str:
+    """The stream (or group) name of an array path: its first component."""
+    return path.split("/", 1)[0]
+
+
+def _step(stream: Stream, rows_per_chunk: int = 1) -> ArraySpec:
+    return ArraySpec(stream.step, (), "int64", "index", rows_per_chunk)
 
 
 def data_arrays(
@@ -179,11 +403,11 @@ def data_arrays(
     """
     label_dtype = np.float32 if labels_train.dtype.kind == "f" else np.int16
     return {
-        "data/train_index": np.asarray(train_index, dtype=np.int64),
-        "data/test_index": np.asarray(test_index, dtype=np.int64),
-        "data/labels_train": np.asarray(labels_train, dtype=label_dtype),
-        "data/labels_test": np.asarray(labels_test, dtype=label_dtype),
-        "data/noise_mask": np.asarray(noise_mask, dtype=bool),
+        DATA.train_index: np.asarray(train_index, dtype=np.int64),
+        DATA.test_index: np.asarray(test_index, dtype=np.int64),
+        DATA.labels_train: np.asarray(labels_train, dtype=label_dtype),
+        DATA.labels_test: np.asarray(labels_test, dtype=label_dtype),
+        DATA.noise_mask: np.asarray(noise_mask, dtype=bool),
     }
 
 
@@ -191,16 +415,17 @@ def metrics_stream(rows: int, replicates: int) -> StreamSpec:
     """`metrics/`: step, epoch [R]; train/test loss and accuracy [R, M]; lr [R]."""
     r = _small_chunk(rows)
     per_rep = tuple(
-        ArraySpec(f"metrics/{name}", (replicates,), "float32", "float", r)
-        for name in ("train_loss", "train_acc", "test_loss", "test_acc")
+        ArraySpec(path, (replicates,), "float32", "float", r)
+        for split in ("train", "test")
+        for path in (METRICS.split_loss(split), METRICS.split_acc(split))
     )
     return StreamSpec(
-        "metrics",
+        METRICS.name,
         rows,
         (
-            _step("metrics", r),
-            ArraySpec("metrics/epoch", (), "int32", "index", r),
-            ArraySpec("metrics/lr", (), "float64", "float", r),
+            _step(METRICS, r),
+            ArraySpec(METRICS.epoch, (), "int32", "index", r),
+            ArraySpec(METRICS.lr, (), "float64", "float", r),
             *per_rep,
         ),
     )
@@ -210,19 +435,19 @@ def metrics_fine_stream(rows: int, replicates: int) -> StreamSpec:
     """`metrics_fine/`: every optimizer step: step, lr [F]; batch_loss, batch_error [F, M]."""
     r = _small_chunk(rows)
     return StreamSpec(
-        "metrics_fine",
+        METRICS_FINE.name,
         rows,
         (
-            _step("metrics_fine", r),
-            ArraySpec("metrics_fine/lr", (), "float64", "float", r),
-            ArraySpec("metrics_fine/batch_loss", (replicates,), "float32", "float", r),
-            ArraySpec("metrics_fine/batch_error", (replicates,), "float32", "float", r),
+            _step(METRICS_FINE, r),
+            ArraySpec(METRICS_FINE.lr, (), "float64", "float", r),
+            ArraySpec(METRICS_FINE.batch_loss, (replicates,), "float32", "float", r),
+            ArraySpec(METRICS_FINE.batch_error, (replicates,), "float32", "float", r),
         ),
     )
 
 
 def tensor_stream(
-    name: str, rows: int, replicates: int, shapes: Mapping[str, Sequence[int]], *, batched: bool = False
+    stream: TensorStream, rows: int, replicates: int, shapes: Mapping[str, Sequence[int]], *, batched: bool = False
 ) -> StreamSpec:
     """`params/<tensor>` or `params_fine/<tensor>`: [S, M, *shape] float32 snapshots, plus `step` [S].
 
@@ -233,19 +458,19 @@ def tensor_stream(
     r = 1
     if batched:
         r = max(1, min(BATCHED_MAX_ROWS, rows, BATCHED_CHUNK_BYTES // max(1, row_bytes)))
-    arrays = [_step(name, r)]
+    arrays = [_step(stream, r)]
     for tensor, shape in shapes.items():
-        arrays.append(ArraySpec(f"{name}/{tensor}", (replicates, *shape), "float32", "float", r))
-    return StreamSpec(name, rows, tuple(arrays))
+        arrays.append(ArraySpec(stream.tensor(tensor), (replicates, *shape), "float32", "float", r))
+    return StreamSpec(stream.name, rows, tuple(arrays))
 
 
 def preds_stream(rows: int, replicates: int, split_sizes: Mapping[str, int], regression: bool) -> StreamSpec:
     """`preds/<split>`: [Q, M, n_split] int16 predicted class (float32 output for regression), `preds/step`."""
     dtype = "float32" if regression else "int16"
     codec = "float" if regression else "count"
-    arrays = [_step("preds")]
-    arrays += [ArraySpec(f"preds/{split}", (replicates, n), dtype, codec) for split, n in split_sizes.items()]
-    return StreamSpec("preds", rows, tuple(arrays))
+    arrays = [_step(PREDS)]
+    arrays += [ArraySpec(PREDS.split(split), (replicates, n), dtype, codec) for split, n in split_sizes.items()]
+    return StreamSpec(PREDS.name, rows, tuple(arrays))
 
 
 def grad_stream(rows: int, replicates: int, shapes: Mapping[str, Sequence[int]]) -> StreamSpec:
@@ -255,19 +480,17 @@ def grad_stream(rows: int, replicates: int, shapes: Mapping[str, Sequence[int]])
     grad/step [G]; grad/n [G, M] int64 (samples); grad/loss_sum [G, M] float64 (summed sample losses).
     """
     arrays = [
-        _step("grad"),
-        ArraySpec("grad/n", (replicates,), "int64", "index"),
-        ArraySpec("grad/loss_sum", (replicates,), "float64", "float"),
+        _step(GRAD),
+        ArraySpec(GRAD.n, (replicates,), "int64", "index"),
+        ArraySpec(GRAD.loss_sum, (replicates,), "float64", "float"),
     ]
     for tensor, shape in shapes.items():
         row = (replicates, *shape)
-        arrays += [
-            ArraySpec(f"grad/{tensor}/sum", row, "float32", "float"),
-            ArraySpec(f"grad/{tensor}/sumsq", row, "float32", "float"),
-            ArraySpec(f"grad/{tensor}/pos", row, "int32", "count"),
-            ArraySpec(f"grad/{tensor}/neg", row, "int32", "count"),
-        ]
-    return StreamSpec("grad", rows, tuple(arrays))
+        for moment in GRAD.MOMENTS:
+            floating = moment in GRAD.FLOAT_MOMENTS
+            kind = ("float32", "float") if floating else ("int32", "count")
+            arrays.append(ArraySpec(GRAD.moment(tensor, moment), row, *kind))
+    return StreamSpec(GRAD.name, rows, tuple(arrays))
 
 
 def acts_stream(rows: int, probe: int, layers: Mapping[str, Mapping[str, Any]], values: bool) -> StreamSpec:
@@ -277,25 +500,25 @@ def acts_stream(rows: int, probe: int, layers: Mapping[str, Mapping[str, Any]], 
     acts/<layer>/values [A, P, units] float16 when `values`; acts/step, acts/epoch [A]. `layers` maps
     each call-site name to its attrs: units, shape (C, H, W or features), module (the module path).
     """
-    arrays = [_step("acts"), ArraySpec("acts/epoch", (), "int32", "index")]
+    arrays = [_step(ACTS), ArraySpec(ACTS.epoch, (), "int32", "index")]
     for layer, attrs in layers.items():
         units = int(attrs["units"])
-        arrays.append(ArraySpec(f"acts/{layer}/bits", (probe, math.ceil(units / 8)), "uint8", "bits", attrs=attrs))
+        arrays.append(ArraySpec(ACTS.bits(layer), (probe, math.ceil(units / 8)), "uint8", "bits", attrs=attrs))
         if values:
-            arrays.append(ArraySpec(f"acts/{layer}/values", (probe, units), "float16", "half", attrs=attrs))
-    return StreamSpec("acts", rows, tuple(arrays))
+            arrays.append(ArraySpec(ACTS.values(layer), (probe, units), "float16", "half", attrs=attrs))
+    return StreamSpec(ACTS.name, rows, tuple(arrays))
 
 
 def lipschitz_fine_stream(rows: int, replicates: int) -> StreamSpec:
     """`lipschitz_fine/`: step [L]; mean, max [L, M] of the local Lipschitz constants of the step's batch."""
     r = _small_chunk(rows)
     return StreamSpec(
-        "lipschitz_fine",
+        LIPSCHITZ_FINE.name,
         rows,
         (
-            _step("lipschitz_fine", r),
-            ArraySpec("lipschitz_fine/mean", (replicates,), "float32", "float", r),
-            ArraySpec("lipschitz_fine/max", (replicates,), "float32", "float", r),
+            _step(LIPSCHITZ_FINE, r),
+            ArraySpec(LIPSCHITZ_FINE.mean, (replicates,), "float32", "float", r),
+            ArraySpec(LIPSCHITZ_FINE.max, (replicates,), "float32", "float", r),
         ),
     )
 

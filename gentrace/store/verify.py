@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gentrace.errors import GentraceError
+from gentrace.core.errors import GentraceError
 from gentrace.store import schema
 from gentrace.store.integrity import Damage, StreamReport, read_blocks, reason_of
 from gentrace.store.reader import StoreReader

@@ -43,7 +43,7 @@ from zarr.core.array_spec import ArrayConfig
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from gentrace.errors import StoreError, WriterError
+from gentrace.core.errors import StoreError, WriterError
 from gentrace.store import rootmeta, schema
 from gentrace.store.lock import StoreLock
 from gentrace.store.reader import check_gentrace_store, disk_usage

@@ -12,8 +12,9 @@ import os
 import sys
 from typing import Any
 
-from gentrace import cli, run
-from gentrace.errors import DataError
+from gentrace.cli import app as cli
+from gentrace.core.errors import DataError
+from gentrace.training import run
 
 failing = int(sys.argv[1])
 build_data = run.build_data

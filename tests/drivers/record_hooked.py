@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gentrace import cli
+from gentrace.cli import app as cli
 from gentrace.record.recorder import Recorder
 from gentrace.store import writer as writer_mod
 from gentrace.store.writer import RowBlock, StoreWriter
@@ -223,7 +223,7 @@ def install(moment: str, marker: Path) -> None:
 
         Recorder.after_step = after_step_then_wait  # type: ignore[method-assign]
     elif name == "wait-prepare":
-        from gentrace import run
+        from gentrace.training import run
 
         def prepare_after_sigint(*args: Any, **kwargs: Any) -> Any:
             marker.touch()

@@ -18,10 +18,10 @@ from typing import Annotated, Any
 
 import typer
 
-from gentrace import config as config_mod
-from gentrace.analyze_cli import analyze_app, plot_app
-from gentrace.cli_errors import error_line as _err
-from gentrace.cli_errors import torchrun_worker, user_errors
+from gentrace.cli.analyze import analyze_app, plot_app
+from gentrace.cli.errors import error_line as _err
+from gentrace.cli.errors import torchrun_worker, user_errors
+from gentrace.core import config as config_mod
 from gentrace.store.reader import StoreReader
 
 app = typer.Typer(
@@ -75,16 +75,16 @@ def record(
         raise config_mod.ConfigError("--resume continues the stored config; --set cannot change it")
     cfg = None if resume and config is None else config_mod.load(config, overrides)
 
-    from gentrace import preflight
+    from gentrace.training import preflight
 
     if not torchrun_worker():  # rank 0 speaks for all: the store path need not exist on the other nodes
         preflight.record(cfg, out, device=device, resume=resume, overwrite=overwrite)
-    from gentrace import run  # torch is imported only once the config is known to be good
+    from gentrace.training import run  # torch is imported only once the config is known to be good
 
     # A scheduler's SIGTERM (job time limit, preemption) ends the run like Ctrl-C: flushed, resumable.
     signal.signal(signal.SIGTERM, _terminated)
-    from gentrace.progress import TrainingProgress
-    from gentrace.schedules import timeline
+    from gentrace.cli.progress import TrainingProgress
+    from gentrace.core.schedules import timeline
 
     shown = cfg
     if shown is None and out is not None and resume and not quiet:
@@ -168,7 +168,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show what a store holds: config, status, rows per stream, sizes, compression, writer time."""
-    from gentrace.summary import render, summarize
+    from gentrace.reporting.summary import render, summarize
 
     summary = summarize(StoreReader(store, compacting_ok=True))
     typer.echo(json.dumps(summary, indent=2) if as_json else render(summary))
@@ -191,8 +191,8 @@ def sweep(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No per-point messages.")] = False,
 ) -> None:
     """Record one store per grid point, one after another; rerun to skip finished points and resume the rest."""
-    from gentrace import run
-    from gentrace import sweep as sweep_mod
+    from gentrace.training import run
+    from gentrace.training import sweep as sweep_mod
 
     parsed = sweep_mod.parse_grid(grid)
     # A scheduler's SIGTERM ends the current point like Ctrl-C: flushed, resumed by the next `gentrace sweep`.
@@ -226,7 +226,7 @@ def compact(
 
     if not (math.isfinite(shard_mb) and shard_mb * 2**20 >= 1):
         raise config_mod.ConfigError(f"--shard-mb must be a positive number of MiB (got {shard_mb})")
-    from gentrace import preflight
+    from gentrace.training import preflight
 
     preflight.compact(store)
     total = compact_mod.array_count(store)
@@ -254,7 +254,7 @@ def verify(
     """Read every committed chunk and checkpoint of a store; exit 1 and list the damaged rows if any."""
     from rich.progress import Progress
 
-    from gentrace.errors import DamagedStoreError
+    from gentrace.core.errors import DamagedStoreError
     from gentrace.store.verify import verify as verify_store
 
     total = sum(

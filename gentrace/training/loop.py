@@ -9,7 +9,7 @@ so a run resumed from a checkpoint reaches the same parameters as one never inte
 
 Under torchrun (`dist.world` > 1) the replicates are wrapped in one DistributedDataParallel
 module and each step's batch is the single-process batch cut into contiguous pieces, one per rank
-(gentrace.distributed); each rank backpropagates its piece's summed loss times world / B, so the
+(gentrace.training.distributed); each rank backpropagates its piece's summed loss times world / B, so the
 averaged gradient is the whole batch's mean gradient, and the step's loss and error are summed over
 the ranks, so every rank sees the same numbers (and stops together on a NaN).
 
@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from gentrace.config import RunConfig
-from gentrace.data import Dataset
-from gentrace.distributed import Dist
-from gentrace.errors import TrainingDiverged
-from gentrace.losses import LossName, per_sample_loss, resolve_loss, sample_error
+from gentrace.core.config import RunConfig
+from gentrace.core.errors import TrainingDiverged
+from gentrace.core.schedules import Timeline, timeline
 from gentrace.record.base import StepInfo
 from gentrace.record.recorder import Recorder
-from gentrace.schedules import Timeline, timeline
+from gentrace.task.data import Dataset
+from gentrace.task.losses import LossName, per_sample_loss, resolve_loss, sample_error
+from gentrace.training.distributed import Dist
 
 
 class StepObserver(Protocol):

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gentrace.analyses import gsnr, lipschitz, mi, osgr, paths, trajectory
-from gentrace.errors import AnalysisInputError
+from gentrace.core.errors import AnalysisInputError
 from gentrace.store.reader import StoreReader
 
 DPI = 100

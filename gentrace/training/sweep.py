@@ -22,15 +22,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from gentrace import budget, preflight
-from gentrace import config as config_mod
-from gentrace.errors import ConfigError, StoreError
+from gentrace.core import config as config_mod
+from gentrace.core.errors import ConfigError, StoreError
 from gentrace.store.reader import StoreReader, check_gentrace_store
+from gentrace.task import budget
+from gentrace.training import preflight
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from gentrace.config import RunConfig
+    from gentrace.core.config import RunConfig
 
 MANIFEST = "sweep.json"
 RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*$")
@@ -183,7 +184,7 @@ def record_sweep(
             fresh.append(cfg)
     preflight.fits(fresh, out, device)  # every new store must fit, before the first is recorded
     out.mkdir(parents=True, exist_ok=True)
-    from gentrace import run  # torch is imported only once every point's config is known to be good
+    from gentrace.training import run  # torch is imported only once every point's config is known to be good
 
     entries = [
         {"values": point, "store": point_name(point), "status": _state(out / point_name(point))} for point, _ in todo

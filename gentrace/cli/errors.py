@@ -1,13 +1,13 @@
 """How every CLI module reports a user error: one `error: ...` line on stderr and the error's exit code.
 
-Shared by `gentrace.cli` and `gentrace.analyze_cli` (which `cli` imports, so it cannot import `cli`).
+Shared by `gentrace.cli` and `gentrace.cli.analyze` (which `cli` imports, so it cannot import `cli`).
 Only GentraceError is caught, and an OSError that names a file (a read-only mount, a full disk: one line
 naming the file); any other exception keeps its traceback (it is a bug).
 
 Under torchrun rank 0 prints as a single process would. The other ranks print their own errors as
 `error: [rank N] message`: data must be readable on every node, so a rank may fail where rank 0 did
 not (torchrun itself then reports only that a child failed). The exception is
-`gentrace.errors.PeerFailed`, the error of a rank that stops because rank 0 failed and printed why.
+`gentrace.core.errors.PeerFailed`, the error of a rank that stops because rank 0 failed and printed why.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from gentrace.errors import ConfigError, GentraceError, PeerFailed
+from gentrace.core.errors import ConfigError, GentraceError, PeerFailed
 
 F = TypeVar("F", bound=Callable[..., Any])
 

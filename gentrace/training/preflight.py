@@ -5,7 +5,7 @@ takes no directories), a read-only mount or a directory without write permission
 inside zarr or shutil with a traceback, after the data and models were built, and `--overwrite` could have
 deleted part of the old store by then. `record`, `compact` and `sweep_dir` run first and raise ConfigError
 (exit 2) naming the path and the fix; `record` also refuses a run too large for this machine
-(gentrace.budget). They only read the file system, except `new_store`'s probe: a uniquely named empty
+(gentrace.task.budget). They only read the file system, except `new_store`'s probe: a uniquely named empty
 directory, removed at once.
 """
 
@@ -16,10 +16,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from gentrace import budget
-from gentrace.config import RunConfig
-from gentrace.errors import ConfigError, GentraceError
+from gentrace.core.config import RunConfig
+from gentrace.core.errors import ConfigError, GentraceError
 from gentrace.store.reader import check_gentrace_store
+from gentrace.task import budget
 
 PROBE_PREFIX = ".gentrace-probe-"
 
@@ -119,7 +119,7 @@ def record(cfg: RunConfig | None, out: Path | None, *, device: str, resume: bool
 
 
 def fits(cfgs: RunConfig | list[RunConfig], out: Path, device: str) -> None:
-    """The run (or a sweep's new runs) fits this machine's memory and the disk at `out` (gentrace.budget).
+    """The run (or a sweep's new runs) fits this machine's memory and the disk at `out` (gentrace.task.budget).
 
     First as a GPU run, which holds less on the host: an absurd size is refused without importing torch
     (which `--device auto` needs to tell whether there is a GPU).

@@ -9,7 +9,7 @@ the store goes. The estimates err on the low side (float32 parameters do not com
 are counted at a quarter of their raw size, a file takes at least one block; only the largest buffers
 are counted), so what is refused could not have run, and what fits is never refused.
 
-Parameter counts are exact for every architecture of gentrace.models (tests/test_bad_inputs.py
+Parameter counts are exact for every architecture of gentrace.task.models (tests/test_bad_inputs.py
 compares them with the built networks); the torchvision backbones are constants.
 """
 
@@ -22,9 +22,9 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gentrace.config import RunConfig, is_regression
-from gentrace.errors import ConfigError
-from gentrace.schedules import timeline
+from gentrace.core.config import RunConfig, is_regression
+from gentrace.core.errors import ConfigError
+from gentrace.core.schedules import timeline
 
 F32 = 4  # bytes of float32 (parameters, snapshots, gradient moments)
 SCHEDULE_ENTRY_BYTES = 100  # one recorded step in a probe's Python set and list of steps (int, hash slot, pointer)
@@ -41,7 +41,7 @@ FIXED_DIM = {"ball-sinusoid": 2, "product": 2}
 POOL_SIZES = {"digits": 1797, "mnist": 70_000, "fashion-mnist": 70_000, "cifar10": 60_000}
 TRAIN_SIZES = {"digits": 1797, "mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000}
 # parameters of the torchvision backbones that do not depend on the config (all but the first conv and the
-# classifier), counted from the built models of gentrace.models
+# classifier), counted from the built models of gentrace.task.models
 BACKBONE = {"resnet18": 11_167_104, "vgg11": 9_218_688, "alexnet": 2_446_400}
 BACKBONE_OUT = {"resnet18": 512, "vgg11": 512, "alexnet": 256}  # features entering the classifier
 

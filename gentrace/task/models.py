@@ -35,8 +35,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from gentrace.config import ModelConfig
-from gentrace.errors import ConfigError
+from gentrace.core.config import ModelConfig
+from gentrace.core.errors import ConfigError
 
 FIRST_LAYER_ALIASES = ("first_layer.weight", "first_layer.bias")
 

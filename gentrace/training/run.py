@@ -6,7 +6,7 @@ a half-written store behind. Faults during training end with a status in the sto
 section 7): `diverged` (NaN loss), `interrupted` (SIGINT), `failed` (anything else); a SIGKILL
 leaves `running` with no live writer, which readers report as `killed`.
 
-Under torchrun (several processes, DistributedDataParallel; gentrace.distributed) every rank
+Under torchrun (several processes, DistributedDataParallel; gentrace.training.distributed) every rank
 builds the same data and models and trains its piece of each batch; rank 0 alone creates, opens and
 writes the store, and a failure there stops every rank before training starts. `--resume` works
 under torchrun too, with any number of processes (a run does not depend on how many recorded it).
@@ -33,18 +33,18 @@ import numpy as np
 import torch
 
 from gentrace import __version__
-from gentrace.config import RunConfig, from_dict, to_dict
-from gentrace.data import Dataset, build_data
-from gentrace.distributed import Dist, check_config, session
-from gentrace.errors import ConfigError, PeerFailed, StoreError, TrainingDiverged
-from gentrace.losses import output_dim, resolve_loss
-from gentrace.models import apply_freeze, build_model
+from gentrace.core.config import RunConfig, from_dict, to_dict
+from gentrace.core.errors import ConfigError, PeerFailed, StoreError, TrainingDiverged
 from gentrace.record.base import RunContext
 from gentrace.record.recorder import Recorder
 from gentrace.store import schema
 from gentrace.store.reader import StoreReader
 from gentrace.store.writer import StoreWriter, create_store, open_for_resume
-from gentrace.train import StepObserver, Trainer
+from gentrace.task.data import Dataset, build_data
+from gentrace.task.losses import output_dim, resolve_loss
+from gentrace.task.models import apply_freeze, build_model
+from gentrace.training.distributed import Dist, check_config, session
+from gentrace.training.loop import StepObserver, Trainer
 
 T = TypeVar("T")
 

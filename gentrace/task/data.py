@@ -52,8 +52,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gentrace.config import DataConfig, is_regression
-from gentrace.errors import ConfigError, DataError
+from gentrace.core.config import DataConfig, is_regression
+from gentrace.core.errors import ConfigError, DataError
 
 BALL_SINUSOID_AMPLITUDE = 0.25
 BALL_SINUSOID_OMEGA = 2 * np.pi

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from gentrace.errors import GentraceError
+from gentrace.core.errors import GentraceError
 from gentrace.store import schema
 from gentrace.store.reader import StoreReader, disk_usage
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from gentrace.errors import ConfigError
+from gentrace.core.errors import ConfigError
 
 DataName = Literal[
     "sinusoid",

@@ -1,7 +1,7 @@
 """`gentrace analyze ...` and `gentrace plot ...`: parse -> call an analysis -> write a table or a figure.
 
-Tables go to stdout as CSV unless `--format` or `-o` say otherwise (gentrace.report); figures go to
-the `-o` file (gentrace.plots). The analyses, pandas and matplotlib are imported inside the
+Tables go to stdout as CSV unless `--format` or `-o` say otherwise (gentrace.cli.output); figures go to
+the `-o` file (gentrace.reporting.plots). The analyses, pandas and matplotlib are imported inside the
 commands, so `gentrace --help` and `gentrace record` do not pay for them.
 """
 
@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gentrace.cli_errors import user_errors
-from gentrace.errors import AnalysisInputError, ConfigError
+from gentrace.cli.errors import user_errors
+from gentrace.core.errors import AnalysisInputError, ConfigError
 from gentrace.store.reader import StoreReader
-from gentrace.sweep import over_stores
+from gentrace.training.sweep import over_stores
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -68,7 +68,7 @@ class MiSplit(StrEnum):
 
 
 class Format(StrEnum):
-    """Table formats of gentrace.report."""
+    """Table formats of gentrace.cli.output."""
 
     csv = "csv"
     tsv = "tsv"
@@ -105,7 +105,7 @@ def _writable(out: Path | None, example: str = "out.csv") -> None:
     """`-o FILE` names a file that can be written: checked before the analysis runs."""
     if out is None:
         return
-    from gentrace.preflight import why_not_writable
+    from gentrace.training.preflight import why_not_writable
 
     if out.is_dir():
         raise ConfigError(f"-o {out} is a directory; give a file name, e.g. -o {out / example}")
@@ -146,7 +146,7 @@ def _parse_replicate(value: str) -> int | None:
 
 
 def _emit(table: pd.DataFrame | Iterable[pd.DataFrame], fmt: Format, out: Path | None) -> None:
-    from gentrace import report
+    from gentrace.cli import output as report
 
     _writable(out)
     try:
@@ -344,7 +344,7 @@ def analyze_lipschitz(
 
 def _plot(name: str, stores: list[Path], out: Path, **options: Any) -> None:
     """Open the stores, draw with `plots.<name>` into `out` (matplotlib imported only now), say where."""
-    from gentrace import plots
+    from gentrace.reporting import plots
 
     _figure_file(out)
     if "device" in options:

@@ -1,4 +1,4 @@
-"""The one place that writes analysis tables: CSV, TSV, JSON, parquet or a rich table (SPEC section 1).
+"""The one place that writes analysis tables to files and stdout: CSV, TSV, JSON or parquet (SPEC section 1).
 
 Output goes to stdout unless a file is given; progress and errors never do, so `> file.csv` is
 always clean. A table may arrive as one DataFrame or as an iterable of DataFrames with the same
@@ -10,7 +10,9 @@ Formats:
     tsv      the same, tab-separated.
     json     one array of records (`[{"step": 0, ...}, ...]`), NaN as null.
     parquet  needs -o FILE (binary); pyarrow.
-    table    a rich table for reading in a terminal (all rows at once).
+
+The fifth format of `gentrace analyze --format`, `table` (a rich table for a terminal), is drawn by
+gentrace.cli.output: the cli package is the only one that imports rich.
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import pandas as pd
 
-from gentrace.errors import ConfigError
+from gentrace.core.errors import ConfigError
 
-FORMATS = ("csv", "tsv", "json", "parquet", "table")
+FORMATS = ("csv", "tsv", "json", "parquet")
 # pandas writes JSON floats with 10 significant digits by default; 15 is its maximum.
 JSON_DIGITS = 15
 
@@ -51,14 +52,12 @@ def write(table: pd.DataFrame | Iterable[pd.DataFrame], fmt: str = "csv", out: P
         assert out is not None
         _parquet(chained, out)
         return
-    with _text_output(out) as stream:
+    with text_output(out) as stream:
         if fmt in ("csv", "tsv"):
             for i, piece in enumerate(chained):
                 piece.to_csv(stream, sep="," if fmt == "csv" else "\t", index=False, header=i == 0)
-        elif fmt == "json":
-            _json(chained, stream)
         else:
-            _table(pd.concat(list(chained), ignore_index=True), stream)
+            _json(chained, stream)
 
 
 def _chain(first: pd.DataFrame, rest: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -67,7 +66,8 @@ def _chain(first: pd.DataFrame, rest: Iterator[pd.DataFrame]) -> Iterator[pd.Dat
 
 
 @contextmanager
-def _text_output(out: Path | None) -> Iterator[IO[str]]:
+def text_output(out: Path | None) -> Iterator[IO[str]]:
+    """A text stream to `out` (created or truncated), or stdout (flushed at the end) when `out` is None."""
     if out is None:
         yield sys.stdout
         sys.stdout.flush()
@@ -104,24 +104,3 @@ def _parquet(pieces: Iterable[pd.DataFrame], out: Path) -> None:
     finally:
         if writer is not None:
             writer.close()
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float | np.floating):
-        return "" if np.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
-def _table(frame: pd.DataFrame, stream: IO[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(show_edge=False, header_style="bold")
-    for column in frame.columns:
-        numeric = pd.api.types.is_numeric_dtype(frame[column])
-        table.add_column(str(column), justify="right" if numeric else "left")
-    for row in frame.itertuples(index=False):
-        table.add_row(*(_cell(v) for v in row))
-    # A terminal wraps the table at its own width; a file or a pipe gets it at its natural width.
-    console = Console(file=stream, width=None if stream.isatty() else 10_000)
-    console.print(table)

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from gentrace.config import RunConfig
-from gentrace.errors import ConfigError
+from gentrace.core.config import RunConfig
+from gentrace.core.errors import ConfigError
 from gentrace.moments.accumulator import Moments, TensorMoments
 
 
