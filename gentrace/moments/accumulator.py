@@ -109,6 +109,18 @@ class TensorMoments:
         """#{i : g_i < 0} [*shape] int64."""
         return ((self.nonzero - self.sign_sum) // 2).to(torch.int64)
 
+    def moment(self, name: str) -> torch.Tensor:
+        """The moment the store keeps under `name` (sum, sumsq, pos, neg: gentrace.store.schema.GRAD.MOMENTS)."""
+        by_name = {
+            "sum": lambda: self.sum,
+            "sumsq": lambda: self.sumsq,
+            "pos": lambda: self.pos,
+            "neg": lambda: self.neg,
+        }
+        if name not in by_name:
+            raise KeyError(f"no gradient moment {name!r}; one of {', '.join(by_name)}")
+        return by_name[name]()
+
     def zero_(self) -> None:
         """Reset (lazily: an engine reuses its accumulators, and large float64 writes are slow)."""
         self._first = None

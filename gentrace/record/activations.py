@@ -69,11 +69,11 @@ def relu_call_sites(model: nn.Module, x: torch.Tensor) -> dict[str, dict[str, An
 class ActivationsProbe(Probe):
     """Writes `acts/<layer>/bits [A, P, bytes]` (and `values`), `acts/step`, `acts/epoch` [A]."""
 
-    name = "acts"
+    name = schema.ACTS.name
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
-        rec = ctx.cfg.record.activations
+        rec = ctx.record.activations
         self.steps = set(every_epochs(rec.every_epochs, ctx.timeline))
         self.values = rec.values
         self.x = ctx.data.x_train[0][: rec.probe]
@@ -101,7 +101,7 @@ class ActivationsProbe(Probe):
 
     def static(self) -> dict[str, np.ndarray]:
         """`data/probe_index` [P]: positions of the probe samples in replicate 0's training subset."""
-        return {"data/probe_index": np.arange(len(self.x), dtype=np.int64)}
+        return {schema.DATA.probe_index: np.arange(len(self.x), dtype=np.int64)}
 
     def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:
         """One eval-mode pass over the probe set with hooks on every recorded call site."""
@@ -141,23 +141,23 @@ class ActivationsProbe(Probe):
                 handle.remove()
             model.train(was_training)
         row: dict[str, np.ndarray] = {
-            "acts/step": np.array([step], np.int64),
-            "acts/epoch": np.array([epoch], np.int32),
+            schema.ACTS.step: np.array([step], np.int64),
+            schema.ACTS.epoch: np.array([epoch], np.int32),
         }
         for site, info in self.sites.items():
             units = info["units"]
-            parts = {"bits": (bits[site], math.ceil(units / 8), torch.uint8)}
+            parts = {schema.ACTS.bits(site): (bits[site], math.ceil(units / 8), torch.uint8)}
             if self.values:
-                parts["values"] = (values[site], units, torch.float16)
-            for kind, (pieces, width, dtype) in parts.items():
+                parts[schema.ACTS.values(site)] = (values[site], units, torch.float16)
+            for path, (pieces, width, dtype) in parts.items():
                 local = torch.cat(pieces) if pieces else self.x.new_zeros((0, width), dtype=dtype)
                 whole = dist.gather(local, len(self.x))  # every rank's piece, in sample order
                 if dist.is_main:
-                    row[f"acts/{site}/{kind}"] = whole.cpu().numpy()[None]
+                    row[path] = whole.cpu().numpy()[None]
         if dist.is_main:
             yield RowBlock(self.name, self.take_row(self.name), row)
 
 
 def activations_probe(ctx: RunContext) -> ActivationsProbe | None:
     """`record.activations`, or None when every_epochs is 0."""
-    return ActivationsProbe(ctx) if ctx.cfg.record.activations.every_epochs else None
+    return ActivationsProbe(ctx) if ctx.record.activations.every_epochs else None

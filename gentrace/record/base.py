@@ -1,29 +1,36 @@
-"""What a probe is and what it sees.
+"""What a probe is and what it sees: the explicit interface between a training loop and the probes.
 
-A probe turns training state into rows of one or more store streams. The recorder calls every
-probe after each optimizer step (`after_step`, with the batch's loss already on the host) and at
-every step where a probe may record (`at_step`, step 0 being the initialization); probes check
-their own schedules. Probes hand the writer host NumPy arrays only.
+A probe turns training state into rows of one or more store streams. Any training loop drives the
+probes through a Recorder (gentrace.record.recorder) built from a `RunContext` (the models, the data
+to evaluate, the loss, the step grid, the [record] table) and a `Checkpointer`; gentrace's own loop
+(gentrace.training.loop.Trainer) is one such loop. The loop calls, in this order:
+
+- `at_step(0, 0)` once at the start (step 0 is the initialization);
+- per optimizer step: `before_backward(batch)` after the forward pass, `after_backward(batch)` after
+  the backward and before the update, `after_step(info)` after the update (the batch's loss on the
+  host), then `at_step(step, epoch)`, where probes check their own schedules.
+
+Probes hand the writer host NumPy arrays only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gentrace.core.config import RunConfig
+from gentrace.core.config import RecordConfig
 from gentrace.core.schedules import Timeline
+from gentrace.record.ranks import Dist
 from gentrace.store.schema import StreamSpec
 from gentrace.store.writer import RowBlock
 from gentrace.task.data import Dataset
 from gentrace.task.losses import LossName
-from gentrace.training.distributed import Dist
 
 
 @dataclass
@@ -31,28 +38,58 @@ class RunContext:
     """Everything fixed for the whole run that probes may read.
 
     Attributes:
-        cfg: the resolved config.
-        data: the data set; x_train [M, n, ...] already on `device`.
-        models: the M replicate models (same initialization).
+        record: the [record] table of the config (what to record, how often).
+        data: the data the probes evaluate: x_train [M, n, ...], y_train [M, n], x_test, y_test, on `device`.
+        models: the M replicate models.
         loss: the resolved loss name.
-        timeline: the step grid.
+        timeline: the step grid (steps per epoch, epochs, total steps).
         device: where the models live.
-        checkpoint: serializes model, optimizer, RNG and probe state (for resume) when called.
+        lr: the learning rate at step 0 (later rows take the lr of each step's StepInfo).
         dist: this process's rank among the processes of a torchrun launch (Dist() when alone);
-            probes split their passes with it and combine the pieces (gentrace.training.distributed).
-        sample_weight: under torchrun, the weight world / B that each sample's loss carries in the
-            current training step's backward; None when alone (the backward is of the batch mean).
+            probes split their passes with it and combine the pieces (gentrace.record.ranks).
     """
 
-    cfg: RunConfig
+    record: RecordConfig
     data: Dataset
     models: list[nn.Module]
     loss: LossName
     timeline: Timeline
     device: torch.device
-    checkpoint: Callable[[], bytes]
+    lr: float
     dist: Dist = field(default_factory=Dist)
+
+
+class Checkpointer(Protocol):
+    """What the loop offers for resume checkpoints: its whole training state, serialized, on demand."""
+
+    def checkpoint(self, extra: dict[str, Any]) -> bytes:
+        """Model, optimizer and RNG state at the current step, with `extra` (the probes' states) inside."""
+        ...
+
+
+@dataclass
+class Batch:
+    """One training step's batch as the probes' hooks see it (between the forward pass and the update).
+
+    Attributes:
+        step: the optimizer step this update becomes (1 for the first).
+        x: [M, b, *input_shape] inputs; they require grad when a probe asked for the input gradient.
+        outputs: M tensors [b, out], the forward pass of each replicate (the graph still whole).
+        y: [M, b] targets.
+        sample_weight: the weight each sample's loss carries in the backward; None means 1 / b (the batch
+            mean of one process). Under torchrun each rank backpropagates its piece with weight world / B.
+    """
+
+    step: int
+    x: torch.Tensor
+    outputs: list[torch.Tensor]
+    y: torch.Tensor
     sample_weight: float | None = None
+
+    @property
+    def per_sample_scale(self) -> float:
+        """1 / sample_weight: what a per-sample term of the backward is multiplied by to undo the weighting."""
+        return float(self.x.shape[1]) if self.sample_weight is None else 1.0 / self.sample_weight
 
 
 @dataclass(frozen=True)
@@ -65,6 +102,16 @@ class StepInfo:
     batch_loss: np.ndarray
     batch_error: np.ndarray
     batch_size: int = 0
+
+
+@dataclass(frozen=True)
+class Checkpointed:
+    """A parameter-snapshot row that carries the resume checkpoint of its step; the Recorder takes it then."""
+
+    block: RowBlock
+
+
+Emitted = RowBlock | Checkpointed
 
 
 class Probe:
@@ -93,11 +140,11 @@ class Probe:
         """Register the module hooks this probe needs; the recorder removes them all on exit."""
         return []
 
-    def after_step(self, info: StepInfo) -> Iterable[RowBlock]:
+    def after_step(self, info: StepInfo) -> Iterable[Emitted]:
         """Called after every optimizer step."""
         return ()
 
-    def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:
+    def at_step(self, step: int, epoch: int) -> Iterable[Emitted]:
         """Called at step 0 and after every optimizer step, after `after_step` of every probe."""
         return ()
 
@@ -112,10 +159,10 @@ class Probe:
         """Whether the training step that will become `step` should keep the input gradient."""
         return False
 
-    def before_backward(self, step: int, x: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+    def before_backward(self, batch: Batch) -> None:
         """Inside a training step, after the forward pass (the graph is still whole)."""
 
-    def after_backward(self, step: int, x: torch.Tensor, outputs: list[torch.Tensor], y: torch.Tensor) -> None:
+    def after_backward(self, batch: Batch) -> None:
         """Inside a training step, after the backward pass and before the parameter update."""
 
     def checkpoint_due(self, step: int) -> bool:

@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from gentrace.core.schedules import every_epochs, every_steps
 from gentrace.moments.accumulator import Moments
 from gentrace.moments.engine import MomentsEngine, probe_moments
-from gentrace.record.base import Probe, RunContext, StepInfo
+from gentrace.record.base import Batch, Probe, RunContext, StepInfo
 from gentrace.store import schema
 from gentrace.store.writer import RowBlock
 from gentrace.task.losses import per_sample_loss
@@ -42,17 +42,17 @@ PROBE_BATCH = 256
 class GradMomentsProbe(Probe):
     """Writes `grad/<tensor>/{sum,sumsq,pos,neg}` [G, M, *shape], `grad/step` [G], `grad/n`, `grad/loss_sum` [G, M]."""
 
-    name = "grad"
+    name = schema.GRAD.name
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
-        rec = ctx.cfg.record.grad_moments
+        rec = ctx.record.grad_moments
         self.source = rec.source
         steps = set(every_steps(rec.every_steps, ctx.timeline)) | set(every_epochs(rec.every_epochs, ctx.timeline))
         if self.source == "train-batches":
             steps.discard(0)  # no batch has been seen at initialization
         self.steps = steps
-        self.samples = rec.samples or ctx.cfg.data.n_train
+        self.samples = rec.samples or int(ctx.data.x_train.shape[1])
         self.engines = [MomentsEngine(model) for model in ctx.models]
         self.shapes = {n: tuple(p.shape) for n, p in ctx.models[0].named_parameters() if p.requires_grad}
         self._loss = per_sample_loss(ctx.loss)
@@ -61,7 +61,7 @@ class GradMomentsProbe(Probe):
         self._restored = False
         self.dist = ctx.dist
         # train-batches under torchrun: steps where rank 0 may write a checkpoint holding our partial sums
-        self.sync_steps = set(every_epochs(ctx.cfg.record.params.every_epochs, ctx.timeline))
+        self.sync_steps = set(every_epochs(ctx.record.params.every_epochs, ctx.timeline))
 
     def streams(self) -> list[schema.StreamSpec]:
         """One `grad` stream with a row per recorded step."""
@@ -75,10 +75,10 @@ class GradMomentsProbe(Probe):
                 engine.begin(mean_loss=True, reset=not self._restored)
         return handles
 
-    def before_backward(self, step: int, x: Any, outputs: Any) -> None:
+    def before_backward(self, batch: Batch) -> None:
         """train-batches under torchrun: each sample's loss carries weight world / B, not 1 / len(piece)."""
         if self.source == "train-batches":
-            weight = self.ctx.sample_weight
+            weight = batch.sample_weight
             for engine in self.engines:
                 engine.delta_scale = None if weight is None else 1.0 / weight
 
@@ -149,26 +149,27 @@ class GradMomentsProbe(Probe):
             model.train(was_training)
 
     def _row(self, step: int, per_replicate: list[Moments]) -> dict[str, np.ndarray]:
+        grad = schema.GRAD
         row: dict[str, np.ndarray] = {
-            "grad/step": np.array([step], np.int64),
-            "grad/n": np.array([[m.n for m in per_replicate]], np.int64),
-            "grad/loss_sum": np.array([[m.loss_sum for m in per_replicate]], np.float64),
+            grad.step: np.array([step], np.int64),
+            grad.n: np.array([[m.n for m in per_replicate]], np.int64),
+            grad.loss_sum: np.array([[m.loss_sum for m in per_replicate]], np.float64),
         }
         for name, shape in self.shapes.items():
             stats = [m.tensors.get(name) for m in per_replicate]
-            for field in ("sum", "sumsq", "pos", "neg"):
-                dtype = np.float32 if field in ("sum", "sumsq") else np.int32
+            for moment in grad.MOMENTS:
+                dtype = np.float32 if moment in grad.FLOAT_MOMENTS else np.int32
                 values = [
-                    getattr(s, field).to("cpu").numpy().astype(dtype) if s is not None else np.zeros(shape, dtype)
+                    s.moment(moment).to("cpu").numpy().astype(dtype) if s is not None else np.zeros(shape, dtype)
                     for s in stats
                 ]
-                row[f"grad/{name}/{field}"] = np.stack(values)[None]
+                row[grad.moment(name, moment)] = np.stack(values)[None]
         return row
 
 
 def grad_moments_probe(ctx: RunContext) -> GradMomentsProbe | None:
     """`record.grad_moments`, or None when both cadences are 0."""
-    rec = ctx.cfg.record.grad_moments
+    rec = ctx.record.grad_moments
     if rec.every_steps == 0 and rec.every_epochs == 0:
         return None
     probe = GradMomentsProbe(ctx)

@@ -28,7 +28,7 @@ import torch
 
 from gentrace.core.schedules import every_steps
 from gentrace.moments.engine import not_the_loss
-from gentrace.record.base import Probe, RunContext
+from gentrace.record.base import Batch, Probe, RunContext
 from gentrace.store import schema
 from gentrace.store.writer import RowBlock
 
@@ -36,12 +36,12 @@ from gentrace.store.writer import RowBlock
 class LipschitzFineProbe(Probe):
     """Writes `lipschitz_fine/step` [L] and `lipschitz_fine/mean`, `lipschitz_fine/max` [L, M]."""
 
-    name = "lipschitz_fine"
+    name = schema.LIPSCHITZ_FINE.name
     buffer_limit = 512
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
-        self.steps = set(every_steps(ctx.cfg.record.lipschitz_fine.every_steps, ctx.timeline)) - {0}
+        self.steps = set(every_steps(ctx.record.lipschitz_fine.every_steps, ctx.timeline)) - {0}
         self._norms: torch.Tensor | None = None  # [M, B] of the current step
 
     def streams(self) -> list[schema.StreamSpec]:
@@ -52,28 +52,29 @@ class LipschitzFineProbe(Probe):
         """Only at the measured steps does the training input become a leaf that requires grad."""
         return step in self.steps
 
-    def before_backward(self, step: int, x: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+    def before_backward(self, batch: Batch) -> None:
         """Several outputs: one backward of the predicted-class logits to the input."""
-        if step not in self.steps or self.ctx.loss != "cross_entropy":
+        if batch.step not in self.steps or self.ctx.loss != "cross_entropy":
             return
+        x, outputs = batch.x, batch.outputs
         picked = torch.stack([out.gather(1, out.argmax(1, keepdim=True)).sum() for out in outputs]).sum()
         # not the loss: `record.grad_moments.source = 'train-batches'` hooks must wait for the loss backward
         with not_the_loss():
             (grad,) = torch.autograd.grad(picked, [x], retain_graph=True)
         self._norms = grad.flatten(2).norm(dim=2)
 
-    def after_backward(self, step: int, x: torch.Tensor, outputs: list[torch.Tensor], y: torch.Tensor) -> None:
+    def after_backward(self, batch: Batch) -> None:
         """One output: divide the loss's input gradient by the loss's output derivative."""
-        if step not in self.steps or self.ctx.loss == "cross_entropy":
+        if batch.step not in self.steps or self.ctx.loss == "cross_entropy":
             return
+        x, outputs, y = batch.x, batch.outputs, batch.y
         assert x.grad is not None
         with torch.no_grad():
             f = torch.stack([out.squeeze(-1) for out in outputs])  # [M, B]
             target = y.to(f.dtype)
             dloss = 2 * (f - target) if self.ctx.loss == "mse" else torch.sigmoid(f) - target
-            weight = self.ctx.sample_weight  # under torchrun world / B, else 1 / B
-            batch = f.shape[1] if weight is None else 1.0 / weight
-            norms = batch * x.grad.flatten(2).norm(dim=2) / dloss.abs()
+            # the loss's per-sample weight is 1 / B alone, world / B under torchrun: undo it
+            norms = batch.per_sample_scale * x.grad.flatten(2).norm(dim=2) / dloss.abs()
             self._norms = torch.where(dloss != 0, norms, torch.full_like(norms, float("nan")))
 
     def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:
@@ -91,9 +92,9 @@ class LipschitzFineProbe(Probe):
         yield from self.emit(
             self.name,
             {
-                "lipschitz_fine/step": np.array([step], np.int64),
-                "lipschitz_fine/mean": mean[None].astype(np.float32),
-                "lipschitz_fine/max": top[None].astype(np.float32),
+                schema.LIPSCHITZ_FINE.step: np.array([step], np.int64),
+                schema.LIPSCHITZ_FINE.mean: mean[None].astype(np.float32),
+                schema.LIPSCHITZ_FINE.max: top[None].astype(np.float32),
             },
         )
 
@@ -115,4 +116,4 @@ class LipschitzFineProbe(Probe):
 
 def lipschitz_fine_probe(ctx: RunContext) -> LipschitzFineProbe | None:
     """`record.lipschitz_fine`, or None when every_steps is 0."""
-    return LipschitzFineProbe(ctx) if ctx.cfg.record.lipschitz_fine.every_steps else None
+    return LipschitzFineProbe(ctx) if ctx.record.lipschitz_fine.every_steps else None

@@ -21,14 +21,14 @@ from gentrace.task.losses import correct
 class MetricsProbe(Probe):
     """Writes `metrics/`: step, epoch, lr [R]; train_loss, train_acc, test_loss, test_acc [R, M]."""
 
-    name = "metrics"
+    name = schema.METRICS.name
     buffer_limit = 64
 
     def __init__(self, ctx: RunContext, evaluator: Evaluator) -> None:
         super().__init__(ctx)
         self.evaluator = evaluator
-        self.steps = set(eval_steps(ctx.cfg.record.eval_every_steps, ctx.timeline))
-        self.lr = ctx.cfg.train.lr
+        self.steps = set(eval_steps(ctx.record.eval_every_steps, ctx.timeline))
+        self.lr = ctx.lr
 
     def streams(self) -> list[schema.StreamSpec]:
         """One `metrics` stream with a row per eval step."""
@@ -43,15 +43,16 @@ class MetricsProbe(Probe):
         """Evaluate every replicate on its training set and the test set."""
         if step not in self.steps:
             return
+        metrics = schema.METRICS
         row: dict[str, np.ndarray] = {
-            "metrics/step": np.array([step], np.int64),
-            "metrics/epoch": np.array([epoch], np.int32),
-            "metrics/lr": np.array([self.lr], np.float64),
+            metrics.step: np.array([step], np.int64),
+            metrics.epoch: np.array([epoch], np.int32),
+            metrics.lr: np.array([self.lr], np.float64),
         }
         for split in ("train", "test"):
             out, y = self.evaluator.outputs(step, split), self.evaluator.targets(split)
             loss = self.evaluator.losses(step, split).mean(dim=1)
             acc = correct(out.flatten(0, 1), y.flatten(0, 1), self.ctx.loss).view(y.shape).mean(dim=1)
-            row[f"metrics/{split}_loss"] = loss[None].float().cpu().numpy()
-            row[f"metrics/{split}_acc"] = acc[None].float().cpu().numpy()
-        yield from self.emit("metrics", row)
+            row[metrics.split_loss(split)] = loss[None].float().cpu().numpy()
+            row[metrics.split_acc(split)] = acc[None].float().cpu().numpy()
+        yield from self.emit(self.name, row)

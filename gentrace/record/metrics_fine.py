@@ -21,7 +21,7 @@ FLUSH_ROWS = 512
 class MetricsFineProbe(Probe):
     """Writes `metrics_fine/`: step, lr [F]; batch_loss, batch_error [F, M] (F = total optimizer steps)."""
 
-    name = "metrics_fine"
+    name = schema.METRICS_FINE.name
     buffer_limit = FLUSH_ROWS
 
     def streams(self) -> list[schema.StreamSpec]:
@@ -30,12 +30,13 @@ class MetricsFineProbe(Probe):
 
     def after_step(self, info: StepInfo) -> Iterable[RowBlock]:
         """Buffer the step; a block goes to the writer every FLUSH_ROWS steps."""
+        fine = schema.METRICS_FINE
         return self.emit(
-            "metrics_fine",
+            self.name,
             {
-                "metrics_fine/step": np.array([info.step], np.int64),
-                "metrics_fine/lr": np.array([info.lr], np.float64),
-                "metrics_fine/batch_loss": info.batch_loss[None].astype(np.float32),
-                "metrics_fine/batch_error": info.batch_error[None].astype(np.float32),
+                fine.step: np.array([info.step], np.int64),
+                fine.lr: np.array([info.lr], np.float64),
+                fine.batch_loss: info.batch_loss[None].astype(np.float32),
+                fine.batch_error: info.batch_error[None].astype(np.float32),
             },
         )

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from gentrace.core.schedules import every_epochs, every_steps
-from gentrace.record.base import Probe, RunContext, host
+from gentrace.record.base import Checkpointed, Emitted, Probe, RunContext, host
 from gentrace.store import schema
 from gentrace.store.writer import RowBlock
 from gentrace.task.models import resolve_names
@@ -29,6 +29,7 @@ class TensorSnapshotProbe(Probe):
     ) -> None:
         super().__init__(ctx)
         self.name = stream
+        self.stream = schema.TENSOR_STREAMS[stream]
         self.names = list(names)
         self.steps = set(steps)
         self.checkpoints = checkpoints
@@ -37,10 +38,10 @@ class TensorSnapshotProbe(Probe):
         # Snapshots that carry a checkpoint are written at once; fine snapshots of a few small
         # tensors are batched into blocks of whole chunks.
         self.stream_spec = schema.tensor_stream(
-            schema.TENSOR_STREAMS[stream], len(self.steps), len(ctx.models), self.shapes, batched=not checkpoints
+            self.stream, len(self.steps), len(ctx.models), self.shapes, batched=not checkpoints
         )
         self.buffer_limit = self.stream_spec.arrays[0].rows_per_chunk
-        self.checkpoint_every_s = ctx.cfg.record.checkpoint_every_s
+        self.checkpoint_every_s = ctx.record.checkpoint_every_s
         self._last_checkpoint = -math.inf
 
     def streams(self) -> list[schema.StreamSpec]:
@@ -54,17 +55,17 @@ class TensorSnapshotProbe(Probe):
         edge = step in (min(self.steps), max(self.steps))
         return edge or time.monotonic() - self._last_checkpoint >= self.checkpoint_every_s
 
-    def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:
+    def at_step(self, step: int, epoch: int) -> Iterable[Emitted]:
         """Copy the tensors of every replicate to the host (with a checkpoint when one is due); rank 0 only."""
         if step not in self.steps or not self.ctx.dist.is_main:
             return
         per_model = [dict(model.named_parameters()) for model in self.ctx.models]
-        row = {f"{self.name}/step": np.array([step], np.int64)}
+        row = {self.stream.step: np.array([step], np.int64)}
         for name in self.names:
-            row[f"{self.name}/{name}"] = host(p[name] for p in per_model)[None]
+            row[self.stream.tensor(name)] = host(p[name] for p in per_model)[None]
         if self.checkpoint_due(step):
             self._last_checkpoint = time.monotonic()
-            yield RowBlock(self.name, self.take_row(self.name), row, self.ctx.checkpoint(), checkpoint_step=step)
+            yield Checkpointed(RowBlock(self.name, self.take_row(self.name), row, checkpoint_step=step))
         elif self.checkpoints:
             yield RowBlock(self.name, self.take_row(self.name), row)
         else:
@@ -73,18 +74,20 @@ class TensorSnapshotProbe(Probe):
 
 def params_probe(ctx: RunContext) -> TensorSnapshotProbe | None:
     """`record.params`: every tensor (or `names`) every N epochs, with resume checkpoints."""
-    rec = ctx.cfg.record.params
+    rec = ctx.record.params
     if rec.every_epochs == 0:
         return None
     names = resolve_names(ctx.models[0], rec.names, "record.params.names")
-    return TensorSnapshotProbe(ctx, "params", names, every_epochs(rec.every_epochs, ctx.timeline), checkpoints=True)
+    return TensorSnapshotProbe(
+        ctx, schema.PARAMS.name, names, every_epochs(rec.every_epochs, ctx.timeline), checkpoints=True
+    )
 
 
 def params_fine_probe(ctx: RunContext) -> TensorSnapshotProbe | None:
     """`record.params_fine`: a few tensors every N optimizer steps."""
-    rec = ctx.cfg.record.params_fine
+    rec = ctx.record.params_fine
     if rec.every_steps == 0 or not rec.names:
         return None
     names = resolve_names(ctx.models[0], rec.names, "record.params_fine.names")
     steps = every_steps(rec.every_steps, ctx.timeline)
-    return TensorSnapshotProbe(ctx, "params_fine", names, steps, checkpoints=False)
+    return TensorSnapshotProbe(ctx, schema.PARAMS_FINE.name, names, steps, checkpoints=False)

@@ -6,7 +6,6 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from gentrace.core.config import is_regression
 from gentrace.core.schedules import every_epochs, every_steps
 from gentrace.record.base import Probe, RunContext
 from gentrace.record.evaluator import Evaluator
@@ -18,21 +17,21 @@ from gentrace.task.losses import predict
 class PredictionsProbe(Probe):
     """Writes `preds/<split> [Q, M, n_split]` (int16 class or float32 output) and `preds/step` [Q]."""
 
-    name = "preds"
+    name = schema.PREDS.name
     buffer_limit = 16
 
     def __init__(self, ctx: RunContext, evaluator: Evaluator) -> None:
         super().__init__(ctx)
         self.evaluator = evaluator
-        self.splits = list(ctx.cfg.record.predictions.splits)
-        rec = ctx.cfg.record.predictions
+        self.splits = list(ctx.record.predictions.splits)
+        rec = ctx.record.predictions
         self.steps = set(every_epochs(rec.every_epochs, ctx.timeline)) | set(every_steps(rec.every_steps, ctx.timeline))
-        self.regression = is_regression(ctx.cfg.data)
+        self.regression = ctx.data.num_classes == 0  # regression sets have no classes
 
     @staticmethod
     def wanted(ctx: RunContext) -> bool:
         """Whether the config records predictions at all."""
-        rec = ctx.cfg.record.predictions
+        rec = ctx.record.predictions
         return bool(rec.every_epochs or rec.every_steps) and bool(rec.splits)
 
     def streams(self) -> list[schema.StreamSpec]:
@@ -45,8 +44,8 @@ class PredictionsProbe(Probe):
         if step not in self.steps:
             return
         dtype = np.float32 if self.regression else np.int16
-        row: dict[str, np.ndarray] = {"preds/step": np.array([step], np.int64)}
+        row: dict[str, np.ndarray] = {schema.PREDS.step: np.array([step], np.int64)}
         for split in self.splits:
             out = self.evaluator.outputs(step, split)
-            row[f"preds/{split}"] = predict(out, self.ctx.loss).cpu().numpy().astype(dtype)[None]
-        yield from self.emit("preds", row)
+            row[schema.PREDS.split(split)] = predict(out, self.ctx.loss).cpu().numpy().astype(dtype)[None]
+        yield from self.emit(self.name, row)

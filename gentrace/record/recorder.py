@@ -1,23 +1,24 @@
-"""The Recorder: builds the probes a config asks for and feeds their rows to the store writer.
+"""The Recorder: builds the probes a [record] table asks for and feeds their rows to the store writer.
 
-Adding a probe = one module under `record/` + one entry in PROBES. Order matters for crash
-safety: the `params` probe (which carries the resume checkpoint) runs last at a step, after
-every buffered row has been handed over, so a committed checkpoint never precedes a row of
-its own step or earlier.
+Any training loop drives it through the interface of gentrace.record.base: a RunContext, a
+Checkpointer, and the calls at_step / before_backward / after_backward / after_step. Adding a probe =
+one module under `record/` + one entry in PROBES. Order matters for crash safety: the `params` probe
+(which carries the resume checkpoint) runs last at a step, after every buffered row has been handed
+over, so a committed checkpoint never precedes a row of its own step or earlier.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.hooks import RemovableHandle
 
 from gentrace.record.activations import activations_probe
-from gentrace.record.base import Probe, RunContext, StepInfo
+from gentrace.record.base import Batch, Checkpointed, Checkpointer, Emitted, Probe, RunContext, StepInfo
 from gentrace.record.evaluator import Evaluator
 from gentrace.record.grad_moments import grad_moments_probe
 from gentrace.record.lipschitz_fine import lipschitz_fine_probe
@@ -25,29 +26,35 @@ from gentrace.record.metrics import MetricsProbe
 from gentrace.record.metrics_fine import MetricsFineProbe
 from gentrace.record.params import params_fine_probe, params_probe
 from gentrace.record.predictions import PredictionsProbe
+from gentrace.store import schema
 from gentrace.store.schema import StreamSpec
 from gentrace.store.writer import RowBlock, StoreWriter
 
 ProbeFactory = Callable[[RunContext, Evaluator], Probe | None]
 
-# name -> factory (None when the config turns the stream off); the checkpointing probe comes last.
+# stream -> factory (None when the config turns the stream off); the checkpointing probe comes last.
 PROBES: dict[str, ProbeFactory] = {
-    "metrics_fine": lambda ctx, ev: MetricsFineProbe(ctx),
-    "metrics": lambda ctx, ev: MetricsProbe(ctx, ev),
-    "preds": lambda ctx, ev: PredictionsProbe(ctx, ev) if PredictionsProbe.wanted(ctx) else None,
-    "grad": lambda ctx, ev: grad_moments_probe(ctx),
-    "lipschitz_fine": lambda ctx, ev: lipschitz_fine_probe(ctx),
-    "acts": lambda ctx, ev: activations_probe(ctx),
-    "params_fine": lambda ctx, ev: params_fine_probe(ctx),
-    "params": lambda ctx, ev: params_probe(ctx),
+    schema.METRICS_FINE.name: lambda ctx, ev: MetricsFineProbe(ctx),
+    schema.METRICS.name: lambda ctx, ev: MetricsProbe(ctx, ev),
+    schema.PREDS.name: lambda ctx, ev: PredictionsProbe(ctx, ev) if PredictionsProbe.wanted(ctx) else None,
+    schema.GRAD.name: lambda ctx, ev: grad_moments_probe(ctx),
+    schema.LIPSCHITZ_FINE.name: lambda ctx, ev: lipschitz_fine_probe(ctx),
+    schema.ACTS.name: lambda ctx, ev: activations_probe(ctx),
+    schema.PARAMS_FINE.name: lambda ctx, ev: params_fine_probe(ctx),
+    schema.PARAMS.name: lambda ctx, ev: params_probe(ctx),
 }
 
 
 class Recorder:
-    """Context manager around one training run: probes in, RowBlocks out to the writer."""
+    """Context manager around one training run: probes in, RowBlocks out to the writer.
 
-    def __init__(self, ctx: RunContext) -> None:
+    `checkpointer` serializes the loop's training state for the resume checkpoints that the `params`
+    probe's rows carry (None: a loop that takes no checkpoints; then `params` rows carry none).
+    """
+
+    def __init__(self, ctx: RunContext, checkpointer: Checkpointer | None = None) -> None:
         self.ctx = ctx
+        self.checkpointer = checkpointer
         evaluator = Evaluator(ctx)
         built = ((name, factory(ctx, evaluator)) for name, factory in PROBES.items())
         self.probes: list[Probe] = [probe for _, probe in built if probe is not None]
@@ -106,18 +113,15 @@ class Recorder:
         """Whether any probe needs the input gradient of the training step that becomes `step`."""
         return any(probe.wants_input_grad(step) for probe in self.probes)
 
-    def before_backward(
-        self, step: int, x: torch.Tensor, outputs: list[torch.Tensor], sample_weight: float | None = None
-    ) -> None:
-        """Inside the training step, after the forward pass; `sample_weight`: see RunContext."""
-        self.ctx.sample_weight = sample_weight
+    def before_backward(self, batch: Batch) -> None:
+        """Inside the training step, after the forward pass."""
         for probe in self.probes:
-            probe.before_backward(step, x, outputs)
+            probe.before_backward(batch)
 
-    def after_backward(self, step: int, x: torch.Tensor, outputs: list[torch.Tensor], y: torch.Tensor) -> None:
+    def after_backward(self, batch: Batch) -> None:
         """Inside the training step, after backward, before the update."""
         for probe in self.probes:
-            probe.after_backward(step, x, outputs, y)
+            probe.after_backward(batch)
 
     def at_step(self, step: int, epoch: int) -> None:
         """At step 0 and after every optimizer step; probes check their schedules."""
@@ -131,9 +135,17 @@ class Recorder:
         for probe in self.probes:
             self._put(probe.flush())
 
-    def _put(self, blocks: Iterable[RowBlock]) -> None:
-        for block in blocks:
+    def _put(self, blocks: Iterable[Emitted]) -> None:
+        for item in blocks:
+            block = self._with_checkpoint(item) if isinstance(item, Checkpointed) else item
             if self._writer is not None:
                 self._writer.put(block)
             else:
                 assert not self.ctx.dist.is_main, "attach a writer before recording"
+
+    def _with_checkpoint(self, item: Checkpointed) -> RowBlock:
+        """The row with the training state of this moment (and every probe's state) as its checkpoint."""
+        if self.checkpointer is None:
+            return item.block
+        payload = self.checkpointer.checkpoint({"probes": self.state()})
+        return dataclasses.replace(item.block, checkpoint=payload)

@@ -29,11 +29,11 @@ from torch import nn
 from gentrace.core.config import RunConfig
 from gentrace.core.errors import TrainingDiverged
 from gentrace.core.schedules import Timeline, timeline
-from gentrace.record.base import StepInfo
+from gentrace.record.base import Batch, StepInfo
+from gentrace.record.ranks import Dist
 from gentrace.record.recorder import Recorder
 from gentrace.task.data import Dataset
 from gentrace.task.losses import LossName, per_sample_loss, resolve_loss, sample_error
-from gentrace.training.distributed import Dist
 
 
 class StepObserver(Protocol):
@@ -166,14 +166,16 @@ class Trainer:
                 if forward is None:
                     outs = [model(xb[m]) for m, model in enumerate(self.models)]
                     losses = torch.stack([loss_fn(out, yb[m]).mean() for m, out in enumerate(outs)])
-                    recorder.before_backward(self.step + 1, xb, outs)
+                    batch = Batch(self.step + 1, xb, outs, yb)
+                    recorder.before_backward(batch)
                     losses.sum().backward()
                 else:
                     outs = forward(xb)
                     per_sample = torch.stack([loss_fn(out, yb[m]) for m, out in enumerate(outs)])  # [M, b]
-                    recorder.before_backward(self.step + 1, xb, outs, sample_weight=world / size)
+                    batch = Batch(self.step + 1, xb, outs, yb, sample_weight=world / size)
+                    recorder.before_backward(batch)
                     (per_sample.sum() * (world / size)).backward()  # DDP averages: the mean over the batch
-                recorder.after_backward(self.step + 1, xb, outs, yb)
+                recorder.after_backward(batch)
                 self.optimizer.step()
                 self.step += 1
                 with torch.no_grad():

@@ -36,6 +36,7 @@ from gentrace import __version__
 from gentrace.core.config import RunConfig, from_dict, to_dict
 from gentrace.core.errors import ConfigError, PeerFailed, StoreError, TrainingDiverged
 from gentrace.record.base import RunContext
+from gentrace.record.ranks import Dist
 from gentrace.record.recorder import Recorder
 from gentrace.store import schema
 from gentrace.store.reader import StoreReader
@@ -43,7 +44,7 @@ from gentrace.store.writer import StoreWriter, create_store, open_for_resume
 from gentrace.task.data import Dataset, build_data
 from gentrace.task.losses import output_dim, resolve_loss
 from gentrace.task.models import apply_freeze, build_model
-from gentrace.training.distributed import Dist, check_config, session
+from gentrace.training.distributed import check_config, session
 from gentrace.training.loop import StepObserver, Trainer
 
 T = TypeVar("T")
@@ -109,9 +110,8 @@ def prepare(cfg: RunConfig, device: torch.device, dist: Dist | None = None) -> t
     models = [copy.deepcopy(model).to(device) for _ in range(cfg.train.replicates)]
     on_device = _to_device(data, device)
     trainer = Trainer(cfg, on_device, models, dist)
-    ctx = RunContext(cfg, on_device, models, trainer.loss, trainer.timeline, device, trainer.checkpoint, dist)
-    recorder = Recorder(ctx)
-    ctx.checkpoint = lambda: trainer.checkpoint(extra={"probes": recorder.state()})
+    ctx = RunContext(cfg.record, on_device, models, trainer.loss, trainer.timeline, device, cfg.train.lr, dist)
+    recorder = Recorder(ctx, checkpointer=trainer)
     return trainer, recorder, data
 
 
@@ -296,9 +296,9 @@ def _resume_point(cfg: RunConfig | None, path: Path) -> _ResumePoint | None:
             f"{path} records no parameter snapshots (record.params.every_epochs = 0), so it cannot be "
             "resumed; record it again with --overwrite"
         )
-    if reader.committed("params") == 0:
+    if reader.committed(schema.PARAMS.name) == 0:
         return _ResumePoint(stored, -1, {}, None)
-    committed_steps = set(reader.array("params/step").tolist())
+    committed_steps = set(reader.array(schema.PARAMS.step).tolist())
     usable = [s for s in reader.checkpoint_steps() if s in committed_steps]
     damaged: list[str] = []
     for last in reversed(usable):
@@ -312,7 +312,7 @@ def _resume_point(cfg: RunConfig | None, path: Path) -> _ResumePoint | None:
             sys.stderr.write(
                 f"warning: {path}: the checkpoint of {damaged[0]} is damaged; resuming from the one of step {last}\n"
             )
-        keep = {s: int((reader.array(f"{s}/step") <= last).sum()) for s in reader.streams()}
+        keep = {s: int((reader.array(schema.STREAMS[s].step) <= last).sum()) for s in reader.streams()}
         return _ResumePoint(stored, last, keep, payload)
     why = f" (damaged: {', '.join(damaged)})" if damaged else ""
     raise StoreError(

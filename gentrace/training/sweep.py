@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from gentrace.core import config as config_mod
 from gentrace.core.errors import ConfigError, StoreError
+from gentrace.store import schema
 from gentrace.store.reader import StoreReader, check_gentrace_store
 from gentrace.task import budget
 from gentrace.training import preflight
@@ -230,7 +231,7 @@ def expand_stores(paths: Sequence[Path]) -> list[Path]:
 
 def _lost_its_root(path: Path) -> bool:
     """A store whose root zarr.json is gone (its `data` group is still there), not a sweep directory."""
-    return (path / "data" / "zarr.json").exists() or (path / "checkpoints").is_dir()
+    return (path / schema.DATA.name / "zarr.json").exists() or (path / schema.CHECKPOINT_GROUP).is_dir()
 
 
 def manifest_stores(manifest: Path) -> list[str]:
