@@ -41,7 +41,7 @@ def cli(tree: Path, *args: object) -> list[str]:
     return [
         sys.executable,
         "-c",
-        f"import sys; sys.path.insert(0, {str(tree)!r}); from gentrace.cli import main; main()",
+        f"import sys; sys.path.insert(0, {str(tree)!r}); from gentrace.cli.app import main; main()",
     ] + [str(a) for a in args]
 
 

@@ -1,5 +1,5 @@
 """`python -m gentrace` runs the CLI (also what `torchrun -m gentrace` needs)."""
 
-from gentrace.cli import main
+from gentrace.cli.app import main
 
 main()

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from gentrace.analyses import dask_backend, gsnr, mi, paths
 from gentrace.analyses import plan as chunks
-from gentrace.cli import app
+from gentrace.cli.app import app
 from gentrace.core.errors import ConfigError
 from gentrace.store.reader import StoreReader
 from gentrace.training.sweep import over_stores

@@ -23,10 +23,10 @@ from torch import nn
 
 from gentrace.core import config
 from gentrace.core.errors import ConfigError
+from gentrace.record.ranks import Dist
 from gentrace.reporting.summary import render, summarize
 from gentrace.store.reader import StoreReader
 from gentrace.training import run
-from gentrace.record.ranks import Dist
 from gentrace.training.distributed import check_config
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 values of order 1-10 summed in another order over ~100 samples

@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_config
 from typer.testing import CliRunner
 
-from gentrace.cli import app
+from gentrace.cli.app import app
 from gentrace.core.errors import ConfigError
 from gentrace.store.reader import StoreReader
 from gentrace.training import sweep

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gentrace.analyses import trajectory
-from gentrace.cli import app
+from gentrace.cli.app import app
 from gentrace.core import config
 from gentrace.store.reader import StoreReader
 from gentrace.training import run
