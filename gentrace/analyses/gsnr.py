@@ -39,7 +39,7 @@ BY: tuple[str, ...] = get_args(By)
 # of the second moment as noise in rho^2; 8 * 2**-23 gives a margin of five.
 ZERO_VARIANCE_RTOL = 8 * 2.0**-23
 
-KINDS = ("sum", "sumsq", "pos", "neg")
+KINDS = schema.GRAD.MOMENTS
 COLUMNS: dict[str, list[str]] = {
     "model": ["step", "epoch", "replicate", "gsnr_mean", "gsnr_median", "same_sign", "n", "zero_variance"],
     "layer": ["step", "epoch", "replicate", "layer", "gsnr_mean", "gsnr_median", "same_sign", "n", "zero_variance"],
@@ -265,10 +265,10 @@ def plan(
     if by not in BY:
         raise AnalysisInputError(f"gsnr: by must be one of {', '.join(BY)}, not {by!r}")
     reader.require(schema.GRAD)
-    steps = reader.array("grad/step")
+    steps = reader.array(schema.GRAD.step)
     rows = len(steps)  # read once: a live run may commit more rows while this runs
     epochs = epochs_of(reader, steps)
-    n_all = np.asarray(reader.lazy("grad/n")[:rows])
+    n_all = np.asarray(reader.lazy(schema.GRAD.n)[:rows])
     select, labels = replicate_selection(reader, replicate, n_all.shape[1])
     indices = range(n_all.shape[1])[select]
     path = str(reader.path.resolve())  # absolute: a worker started elsewhere opens the same store
@@ -287,7 +287,7 @@ def _row_task(
 ) -> pd.DataFrame:
     """The frame of replicate m at row g, read from the store at `path` block by block."""
     reader = StoreReader(path)
-    arrays = {t: [reader.lazy(f"grad/{t}/{kind}") for kind in KINDS] for t in reader.grad_tensor_names()}
+    arrays = {t: [reader.lazy(schema.GRAD.moment(t, kind)) for kind in KINDS] for t in reader.grad_tensor_names()}
     tensors = ((t, chunks.row_blocks(a, g, m, block_bytes)) for t, a in arrays.items())
     return replicate_frame(tensors, n, step, epoch, label, by, rtol)  # type: ignore[arg-type]
 

@@ -158,7 +158,7 @@ class ReplicateRows:
 
 def mi_fy_by_step(reader: StoreReader, split: Split, m: int, labels: np.ndarray, rows: int, k: int) -> np.ndarray:
     """I(F_t;Y) [rows] of replicate m on `split` at the first `rows` recorded steps, reading row blocks."""
-    array = reader.lazy(f"preds/{split}")
+    array = reader.lazy(schema.PREDS.split(split))
     step = max(1, BLOCK_VALUES // max(1, int(array.shape[-1])))
     parts = [
         mutual_information(joint_counts([np.asarray(array[a : min(rows, a + step), m]), labels], k))

@@ -60,6 +60,7 @@ from gentrace.analyses.information import (
     null_p,
 )
 from gentrace.core.errors import AnalysisInputError, MissingStreamError
+from gentrace.store import schema
 from gentrace.store.reader import StoreReader
 
 COLUMNS = ["step", "epoch", "acc", "mi_fy", "mi_fy_train", "mu", "mi_fy_given_l", "mi_ly_given_f", "mi_ly"]
@@ -196,12 +197,12 @@ def plan(
     if split not in SPLITS:
         raise AnalysisInputError(f"mi: split must be one of {', '.join(SPLITS)}, not {split!r}")
     k = check_classification(reader)
-    if f"preds/{split}" not in reader.streams()["preds"]:
+    if schema.PREDS.split(split) not in reader.streams()[schema.PREDS.name]:
         raise MissingStreamError(
             f"{reader.path}: this run has no {split} predictions; record them with record.predictions.splits"
         )
-    q = len(reader.array("preds/step"))  # read once: a live run may commit more rows meanwhile
-    array = reader.lazy(f"preds/{split}")  # [Q, M, n]
+    q = len(reader.array(schema.PREDS.step))  # read once: a live run may commit more rows meanwhile
+    array = reader.lazy(schema.PREDS.split(split))  # [Q, M, n]
     replicates, n = int(array.shape[1]), int(array.shape[2])
     if reference not in (*mi_references.REFERENCES, "null"):
         choices = ", ".join((*mi_references.REFERENCES, "null"))
@@ -231,8 +232,8 @@ def plan(
 def _labels(reader: StoreReader, split: str, m: int) -> np.ndarray:
     """Y of replicate m on `split`: the shared test labels, or its own training labels."""
     if split == "test":
-        return reader.array("data/labels_test")
-    return np.asarray(reader.lazy("data/labels_train")[m])
+        return reader.array(schema.DATA.labels_test)
+    return np.asarray(reader.lazy(schema.DATA.labels_train)[m])
 
 
 def _block_task(
@@ -248,17 +249,17 @@ def _block_task(
 ) -> pd.DataFrame:
     """`compute` on prediction rows a..b-1 of replicate m, read from the store at `path`."""
     reader = StoreReader(path)
-    steps = np.asarray(reader.lazy("preds/step")[a:b])
-    has_train = "preds/train" in reader.streams()["preds"]
+    steps = np.asarray(reader.lazy(schema.PREDS.step)[a:b])
+    has_train = schema.PREDS.split("train") in reader.streams()[schema.PREDS.name]
     table = compute(
-        np.asarray(reader.lazy(f"preds/{split}")[a:b, m]),
+        np.asarray(reader.lazy(schema.PREDS.split(split))[a:b, m]),
         _labels(reader, split, m),
         reference,
         steps,
         epochs_of(reader, steps),
         k,
-        preds_train=np.asarray(reader.lazy("preds/train")[a:b, m]) if has_train else None,
-        labels_train=np.asarray(reader.lazy("data/labels_train")[m]),
+        preds_train=np.asarray(reader.lazy(schema.PREDS.split("train"))[a:b, m]) if has_train else None,
+        labels_train=np.asarray(reader.lazy(schema.DATA.labels_train)[m]),
         null=null,
     )
     if label is not None:
@@ -276,7 +277,7 @@ def _summaries(
     frames: Iterator[pd.DataFrame],
 ) -> Iterator[pd.DataFrame]:
     """--summary: gather each replicate's per-step rows (per_replicate task frames), summarize them."""
-    array = StoreReader(path).lazy(f"preds/{split}")
+    array = StoreReader(path).lazy(schema.PREDS.split(split))
     rows = []
     for m, y in enumerate(labels_of):
         table = pd.concat([next(frames) for _ in range(per_replicate)], ignore_index=True)

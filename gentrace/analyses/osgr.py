@@ -256,19 +256,19 @@ def run(reader: StoreReader, summary: bool = False, *, rtol: float = ZERO_VARIAN
         AnalysisInputError: fewer than 2 replicates, unequal n, or no step with metrics at t and t + 1.
     """
     reader.require(schema.GRAD)
-    steps = reader.array("grad/step")
+    steps = reader.array(schema.GRAD.step)
     rows = len(steps)
-    n_all = np.asarray(reader.lazy("grad/n")[:rows])
+    n_all = np.asarray(reader.lazy(schema.GRAD.n)[:rows])
     if n_all.shape[1] < 2:
         raise AnalysisInputError(
             f"{reader.path} has {n_all.shape[1]} replicate; OSGR (eq. 21-22) compares M >= 2 models trained "
             "from one initialization on disjoint sets: set train.replicates (e.g. --set train.replicates=4)"
         )
     reader.require(schema.METRICS)
-    metric_step = reader.array("metrics/step")
+    metric_step = reader.array(schema.METRICS.step)
     rows_m = len(metric_step)
-    train_loss = np.asarray(reader.lazy("metrics/train_loss")[:rows_m])
-    test_loss = np.asarray(reader.lazy("metrics/test_loss")[:rows_m])
+    train_loss = np.asarray(reader.lazy(schema.METRICS.split_loss("train"))[:rows_m])
+    test_loss = np.asarray(reader.lazy(schema.METRICS.split_loss("test"))[:rows_m])
     osgr_lhs = lhs(steps, metric_step, train_loss, test_loss)
     if not np.isfinite(osgr_lhs).any():
         raise AnalysisInputError(
@@ -276,7 +276,7 @@ def run(reader: StoreReader, summary: bool = False, *, rtol: float = ZERO_VARIAN
             "of eq. 17 needs; record them with record.eval_every_steps = 1"
         )
     tensors = reader.grad_tensor_names()
-    arrays = [[reader.lazy(f"grad/{t}/sum"), reader.lazy(f"grad/{t}/sumsq")] for t in tensors]
+    arrays = [[reader.lazy(schema.GRAD.moment(t, m)) for m in schema.GRAD.FLOAT_MOMENTS] for t in tensors]
     osgr_rhs, osgr_rhs_weighted, n_row = rhs_blocks(
         lambda g: (block for a in arrays for block in chunks.row_blocks(a, g, slice(None))),  # type: ignore[misc]
         n_all,

@@ -354,10 +354,10 @@ def ratio(layer: str, cross_summary: pd.DataFrame, epochs: Sequence[int], decays
 
 def recorded_lr(reader: StoreReader) -> dict[int, float]:
     """Training epoch -> lr from `metrics_fine/lr` (every step) or else `metrics/lr`."""
-    for stream in ("metrics_fine", "metrics"):
-        if reader.has(stream) and reader.committed(stream) > 0:
-            step = reader.array(f"{stream}/step")
-            lr = np.asarray(reader.lazy(f"{stream}/lr")[: len(step)])
+    for stream in (schema.METRICS_FINE, schema.METRICS):
+        if reader.has(stream.name) and reader.committed(stream.name) > 0:
+            step = reader.array(stream.step)
+            lr = np.asarray(reader.lazy(stream.lr)[: len(step)])
             return lr_by_epoch(step, lr, _steps_per_epoch(reader))
     raise MissingStreamError(
         f"{reader.path}: this run has no recorded learning rate; record it with record.eval_every_steps"
@@ -407,7 +407,7 @@ def plan(
     if kind == "ratio" and pairs:
         raise AnalysisInputError("paths: --pairs has no rows for kind ratio (one number per layer)")
     names = layers_of(reader, layer)
-    epochs = tuple(int(e) for e in reader.array("acts/epoch"))  # read once: a live run may commit more rows
+    epochs = tuple(int(e) for e in reader.array(schema.ACTS.epoch))  # read once: a live run may commit more rows
     decays = decay_epochs(recorded_lr(reader)) if kind == "ratio" else []
     if kind == "ratio" and not decays:
         raise AnalysisInputError(f"{reader.path}: {NO_DECAY}")
@@ -437,7 +437,7 @@ def _layer_task(
 ) -> Iterator[pd.DataFrame]:
     """Frames of layer `name` at recorded epochs a..b-1, reading its bit rows one at a time."""
     start = a - 1 if kind in ("cross", "self") and a > 0 else a  # the previous epoch, compared with epoch a
-    array = StoreReader(path).lazy(f"acts/{name}/bits")
+    array = StoreReader(path).lazy(schema.ACTS.bits(name))
     rows = (np.asarray(array[r]) for r in range(start, b))
     if kind == "rank":
         yield from rank_frames(name, epochs[start:b], rows, pairs=pairs, bases=bases, device=device)

@@ -38,6 +38,7 @@ import pandas as pd
 
 from gentrace.analyses import plan as chunks
 from gentrace.core.errors import AnalysisInputError, MissingStreamError
+from gentrace.store import schema
 from gentrace.store.reader import StoreReader
 
 By = Literal["replicate", "epoch", "step"]
@@ -221,26 +222,27 @@ def compute(
     return frame.sort_values(["replicate", "epoch"], kind="stable", ignore_index=True)
 
 
-def choose_tensor(reader: StoreReader, param: str | None) -> tuple[str, str]:
+def choose_tensor(reader: StoreReader, param: str | None) -> tuple[schema.TensorStream, str]:
     """(stream, tensor): `params_fine` when it holds the tensor, else `params` (coarser snapshots).
 
     Without `param`: the first tensor of `params_fine` (the config's first_layer.bias by default),
     else the first bias in `params`. `first_layer.bias` / `first_layer.weight` name the first such
     tensor in recording order.
     """
-    fine = reader.tensor_names("params_fine") if reader.committed("params_fine") else []
-    coarse = reader.tensor_names("params") if reader.committed("params") else []
+    fine_stream, coarse_stream = schema.PARAMS_FINE, schema.PARAMS
+    fine = reader.tensor_names(fine_stream.name) if reader.committed(fine_stream.name) else []
+    coarse = reader.tensor_names(coarse_stream.name) if reader.committed(coarse_stream.name) else []
     if param is None:
         if fine:
-            return "params_fine", fine[0]
+            return fine_stream, fine[0]
         biases = [name for name in coarse if name.endswith("bias")]
         if biases:
-            return "params", biases[0]
+            return coarse_stream, biases[0]
         raise MissingStreamError(
             f"{reader.path}: this run has no parameter snapshots of a bias; record them with "
             "record.params_fine.every_steps (or record.params.every_epochs)"
         )
-    for stream, names in (("params_fine", fine), ("params", coarse)):
+    for stream, names in ((fine_stream, fine), (coarse_stream, coarse)):
         if param in names:
             return stream, param
         # `first_layer.bias` (the config's alias) is the first such tensor in recording order, e.g. `0.bias`.
@@ -259,21 +261,22 @@ def choose_tensor(reader: StoreReader, param: str | None) -> tuple[str, str]:
 def run(reader: StoreReader, param: str | None = None, last: int | None = None, by: str = "replicate") -> pd.DataFrame:
     """Trajectory statistics of one tensor of every replicate (columns COLUMNS[by])."""
     stream, name = choose_tensor(reader, param)
-    if not reader.has("metrics_fine") or reader.committed("metrics_fine") == 0:
-        raise MissingStreamError(f"{reader.path}: this run has no metrics_fine rows (per-step lr and batch error)")
-    steps = reader.array(f"{stream}/step")
+    fine = schema.METRICS_FINE
+    if not reader.has(fine.name) or reader.committed(fine.name) == 0:
+        raise MissingStreamError(f"{reader.path}: this run has no {fine.what} (per-step lr and batch error)")
+    steps = reader.array(stream.step)
     order = np.argsort(steps, kind="stable")
-    b = Rows(reader.lazy(f"{stream}/{name}"), order)  # read in row blocks: a `params` tensor can be large
+    b = Rows(reader.lazy(stream.tensor(name)), order)  # read in row blocks: a `params` tensor can be large
     frame = compute(
         steps[order],
         b,
-        reader.array("metrics_fine/step"),
-        reader.array("metrics_fine/lr"),
-        reader.array("metrics_fine/batch_error"),
+        reader.array(fine.step),
+        reader.array(fine.lr),
+        reader.array(fine.batch_error),
         int(reader.attrs["steps_per_epoch"]),
         by=by,
         last=last,
     )
     frame.insert(1, "param", name)
-    frame.insert(2, "source", stream)
+    frame.insert(2, "source", stream.name)
     return frame[COLUMNS[by]]

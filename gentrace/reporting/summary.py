@@ -80,7 +80,8 @@ def summarize(reader: StoreReader) -> dict[str, Any]:
 
 def describe_config(cfg: dict[str, Any]) -> str:
     """One line: data, model, optimizer, epochs, replicates."""
-    d, m, t = cfg.get("data", {}), cfg.get("model", {}), cfg.get("train", {})
+    sections = ("data", "model", "train")  # layout: not a store name (the config's sections)
+    d, m, t = (cfg.get(section, {}) for section in sections)
     model = f"{m.get('arch')}"
     if m.get("arch") == "mlp":
         model += f" {m.get('hidden')}"

@@ -386,6 +386,11 @@ def stream_of(path: str) -> str:
     return path.split("/", 1)[0]
 
 
+def step_of(stream: str) -> str:
+    """`<stream>/step` of a stream known only by its name (e.g. one listed in a store's `streams` attr)."""
+    return f"{stream}/step"
+
+
 def _step(stream: Stream, rows_per_chunk: int = 1) -> ArraySpec:
     return ArraySpec(stream.step, (), "int64", "index", rows_per_chunk)
 
@@ -447,13 +452,21 @@ def metrics_fine_stream(rows: int, replicates: int) -> StreamSpec:
 
 
 def tensor_stream(
-    stream: TensorStream, rows: int, replicates: int, shapes: Mapping[str, Sequence[int]], *, batched: bool = False
+    stream: TensorStream | str,
+    rows: int,
+    replicates: int,
+    shapes: Mapping[str, Sequence[int]],
+    *,
+    batched: bool = False,
 ) -> StreamSpec:
     """`params/<tensor>` or `params_fine/<tensor>`: [S, M, *shape] float32 snapshots, plus `step` [S].
 
-    `batched` (fine snapshots of a few small tensors, written in blocks): several rows per chunk,
-    up to BATCHED_CHUNK_BYTES per chunk and BATCHED_MAX_ROWS rows; otherwise one row per chunk.
+    `stream` is PARAMS or PARAMS_FINE (or its name, a key of TENSOR_STREAMS). `batched` (fine snapshots
+    of a few small tensors, written in blocks): several rows per chunk, up to BATCHED_CHUNK_BYTES per
+    chunk and BATCHED_MAX_ROWS rows; otherwise one row per chunk.
     """
+    if isinstance(stream, str):
+        stream = TENSOR_STREAMS[stream]
     row_bytes = 4 * replicates * sum(math.prod(shape) for shape in shapes.values())
     r = 1
     if batched:
@@ -539,9 +552,20 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:010d}"
 
 
+def checkpoint_step(name: str) -> int:
+    """The step of a checkpoint array name: `step-0000000015` -> 15 (-1 for anything else)."""
+    prefix, _, digits = name.partition("-")
+    return int(digits) if prefix == "step" and digits.isdigit() else -1
+
+
+def checkpoint_path(step: int) -> str:
+    """`checkpoints/step-<step>`: the array path of the checkpoint taken at `step`."""
+    return f"{CHECKPOINT_GROUP}/{checkpoint_name(step)}"
+
+
 def checkpoint_array(step: int, nbytes: int) -> ArraySpec:
     """`checkpoints/step-<step>` [nbytes] uint8: serialized model, optimizer and RNG state (one chunk)."""
-    return ArraySpec(f"{CHECKPOINT_GROUP}/{checkpoint_name(step)}", (), "uint8", "bits", max(1, nbytes))
+    return ArraySpec(checkpoint_path(step), (), "uint8", "bits", max(1, nbytes))
 
 
 def _small_chunk(rows: int) -> int:

@@ -31,13 +31,15 @@ def verify(path: Path | str, on_array: Callable[[str], None] | None = None) -> l
             _check_array(reader, array_path, report.rows, report)
             if on_array is not None:
                 on_array(array_path)
-        if f"{stream}/step" in paths and not any(d.array == f"{stream}/step" for d in report.damaged):
+        step = schema.step_of(stream)
+        if step in paths and not any(d.array == step for d in report.damaged):
             _check_steps(reader, stream, report)
         reports.append(report)
-    data = StreamReport("data")
-    for array_path in (p for p in reader.array_paths() if p.startswith("data/")):
+    data = StreamReport(schema.DATA.name)
+    static = [p for p in reader.array_paths() if schema.stream_of(p) == schema.DATA.name]
+    for array_path in static:
         _check_array(reader, array_path, None, data)
-    data.rows = max((int(reader.lazy(p).shape[0]) for p in reader.array_paths() if p.startswith("data/")), default=0)
+    data.rows = max((int(reader.lazy(p).shape[0]) for p in static), default=0)
     reports.append(data)
     reports.append(_check_checkpoints(reader))
     return reports
@@ -87,23 +89,24 @@ def _kind(reason: str) -> str:
 
 
 def _check_steps(reader: StoreReader, stream: str, report: StreamReport) -> None:
+    path = schema.step_of(stream)
     try:
-        steps = reader.array(f"{stream}/step")
+        steps = reader.array(path)
     except GentraceError:
         return  # already reported by the chunk walk
     bad = np.flatnonzero(steps < 0)
     if len(bad):
         report.damaged.append(
-            Damage(f"{stream}/step", (int(bad[0]), int(bad[-1])), f"{len(bad)} committed rows hold the fill value -1")
+            Damage(path, (int(bad[0]), int(bad[-1])), f"{len(bad)} committed rows hold the fill value -1")
         )
 
 
 def _check_checkpoints(reader: StoreReader) -> StreamReport:
-    report = StreamReport("checkpoints")
+    report = StreamReport(schema.CHECKPOINT_GROUP)
     steps = reader.checkpoint_steps()
     named = reader.attrs.get(schema.CHECKPOINT_ATTR)
     if isinstance(named, int) and named >= 0 and named not in steps:
-        report.damaged.append(Damage(f"{schema.CHECKPOINT_GROUP}/{schema.checkpoint_name(named)}", None, "missing"))
+        report.damaged.append(Damage(schema.checkpoint_path(named), None, "missing"))
     for step in steps:
         report.arrays += 1
         report.rows += 1
@@ -111,6 +114,5 @@ def _check_checkpoints(reader: StoreReader) -> StreamReport:
             report.bytes += len(reader.checkpoint(step))
             report.chunks += 1  # a checkpoint is one chunk
         except GentraceError as exc:
-            name = f"{schema.CHECKPOINT_GROUP}/{schema.checkpoint_name(step)}"
-            report.damaged.append(Damage(name, None, reason_of(exc)))
+            report.damaged.append(Damage(schema.checkpoint_path(step), None, reason_of(exc)))
     return report

@@ -625,7 +625,7 @@ class StoreWriter:
         directory = self.path / CHECKPOINT_DIR
         if not directory.is_dir():
             return
-        steps = sorted(_checkpoint_step_of(child.name) for child in directory.iterdir() if child.is_dir())
+        steps = sorted(schema.checkpoint_step(child.name) for child in directory.iterdir() if child.is_dir())
         keep = set([s for s in steps if 0 <= s <= upto][-schema.CHECKPOINTS_KEPT :])
         for step in steps:
             if step not in keep:
@@ -648,12 +648,6 @@ def _size(nbytes: float) -> str:
         if nbytes >= scale:
             return f"{nbytes / scale:.1f} {unit}"
     return f"{int(nbytes)} B"
-
-
-def _checkpoint_step_of(name: str) -> int:
-    """`step-0000000015` -> 15 (-1 for anything else)."""
-    prefix, _, digits = name.partition("-")
-    return int(digits) if prefix == "step" and digits.isdigit() else -1
 
 
 def _delete_chunks_from(array_dir: Path, first_chunk: int) -> None:

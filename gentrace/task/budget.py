@@ -25,10 +25,12 @@ from pathlib import Path
 from gentrace.core.config import RunConfig, is_regression
 from gentrace.core.errors import ConfigError
 from gentrace.core.schedules import timeline
+from gentrace.store import schema
+from gentrace.store.schema import ACTS, GRAD, LIPSCHITZ_FINE, METRICS, METRICS_FINE, PARAMS, PARAMS_FINE, PREDS
 
 F32 = 4  # bytes of float32 (parameters, snapshots, gradient moments)
 SCHEDULE_ENTRY_BYTES = 100  # one recorded step in a probe's Python set and list of steps (int, hash slot, pointer)
-CHECKPOINTS_KEPT = 2  # resume checkpoints a store holds at once (the newest two)
+CHECKPOINTS_KEPT = schema.CHECKPOINTS_KEPT  # resume checkpoints a store holds at once (the newest two)
 BLOCK = 4096  # bytes a file takes on disk at least (a file system block)
 POINT_BYTES = 1600  # memory of one sweep point: its values, validated config, store name and manifest entry
 MIN_STORE_FILES = 24  # files of any store: root, data/, metrics/, metrics_fine/ metadata and their first chunks
@@ -140,19 +142,19 @@ def _named_count(sizes: dict[str, int], names: str | Sequence[str]) -> int:
     return len(sizes) if names == "all" else len(set(names))
 
 
-def _rows(cfg: RunConfig) -> dict[str, int]:
-    """Rows of every stream the config records (streams it does not record: 0)."""
+def _rows(cfg: RunConfig) -> dict[schema.Stream, int]:
+    """Rows of every stream the config records (streams it does not record: 0), in `schema.STREAMS` order."""
     rec, tl = cfg.record, timeline(_n_train(cfg), cfg.train.batch_size, cfg.train.epochs)
     epochs, steps = tl.epochs, tl.total_steps
     return {
-        "metrics": epochs + 1 if rec.eval_every_steps == 0 else _count(rec.eval_every_steps, steps),
-        "metrics_fine": steps,
-        "params": _count(rec.params.every_epochs, epochs),
-        "params_fine": _count(rec.params_fine.every_steps, steps),
-        "preds": _count(rec.predictions.every_epochs, epochs) + _count(rec.predictions.every_steps, steps),
-        "grad": _count(rec.grad_moments.every_epochs, epochs) + _count(rec.grad_moments.every_steps, steps),
-        "acts": _count(rec.activations.every_epochs, epochs),
-        "lipschitz_fine": _count(rec.lipschitz_fine.every_steps, steps),
+        METRICS: epochs + 1 if rec.eval_every_steps == 0 else _count(rec.eval_every_steps, steps),
+        METRICS_FINE: steps,
+        PARAMS: _count(rec.params.every_epochs, epochs),
+        PARAMS_FINE: _count(rec.params_fine.every_steps, steps),
+        PREDS: _count(rec.predictions.every_epochs, epochs) + _count(rec.predictions.every_steps, steps),
+        GRAD: _count(rec.grad_moments.every_epochs, epochs) + _count(rec.grad_moments.every_steps, steps),
+        ACTS: _count(rec.activations.every_epochs, epochs),
+        LIPSCHITZ_FINE: _count(rec.lipschitz_fine.every_steps, steps),
     }
 
 
@@ -178,39 +180,37 @@ def store_parts(cfg: RunConfig) -> list[Part]:
     if rec.activations.values:
         act_row += probe * sum(units) * 2  # float16
     optimizer_slots = _optimizer_slots(cfg)
-    row_bytes = {
-        "metrics": 20 + 4 * m * F32,
-        "metrics_fine": 16 + 2 * m * F32,
-        "params": m * F32 * _named(sizes, rec.params.names),
-        "params_fine": m * F32 * _named(sizes, rec.params_fine.names),
-        "preds": pred_bytes * sum(split_samples[s] for s in rec.predictions.splits),
-        "grad": m * p * (2 * F32 + 2 * F32 / INT_COMPRESSION),  # sum, sumsq float32; pos, neg int32
-        "acts": act_row,
-        "lipschitz_fine": 8 + 2 * m * F32,
+    row_bytes: dict[schema.Stream, float] = {
+        METRICS: 20 + 4 * m * F32,
+        METRICS_FINE: 16 + 2 * m * F32,
+        PARAMS: m * F32 * _named(sizes, rec.params.names),
+        PARAMS_FINE: m * F32 * _named(sizes, rec.params_fine.names),
+        PREDS: pred_bytes * sum(split_samples[s] for s in rec.predictions.splits),
+        GRAD: m * p * (2 * F32 + 2 * F32 / INT_COMPRESSION),  # sum, sumsq float32; pos, neg int32
+        ACTS: act_row,
+        LIPSCHITZ_FINE: 8 + 2 * m * F32,
     }
+    # the key to lower: the stream's config key, or what sizes its rows when that is not the schedule
     keys = {
-        "metrics": "record.eval_every_steps",
-        "metrics_fine": "train.epochs",
-        "params": "record.params.every_epochs",
-        "params_fine": "record.params_fine.every_steps",
-        "preds": "record.predictions",
-        "grad": "record.grad_moments",
-        "acts": "record.activations",
-        "lipschitz_fine": "record.lipschitz_fine.every_steps",
+        **{stream: stream.config_key for stream in rows},
+        METRICS_FINE: "train.epochs",
+        PREDS: "record.predictions",
+        GRAD: "record.grad_moments",
+        ACTS: "record.activations",
     }
     # one file per row and array in the row-chunked streams: at least a file system block each
     files = {
-        "params": 1 + _named_count(sizes, rec.params.names),
-        "grad": 3 + 4 * len(sizes),
-        "preds": 1 + len(rec.predictions.splits),
-        "acts": 2 + len(units) * (2 if rec.activations.values else 1),
+        PARAMS: 1 + _named_count(sizes, rec.params.names),
+        GRAD: 3 + 4 * len(sizes),
+        PREDS: 1 + len(rec.predictions.splits),
+        ACTS: 2 + len(units) * (2 if rec.activations.values else 1),
     }
     parts = [
-        Part(f"{s} ({rows[s]} rows)", int(rows[s] * max(row_bytes[s], files.get(s, 0) * BLOCK)), keys[s])
+        Part(f"{s.name} ({rows[s]} rows)", int(rows[s] * max(row_bytes[s], files.get(s, 0) * BLOCK)), keys[s])
         for s in rows
         if rows[s]
     ]
-    if rows["params"]:  # every parameter snapshot can carry one; the newest CHECKPOINTS_KEPT stay
+    if rows[PARAMS]:  # every parameter snapshot can carry one; the newest CHECKPOINTS_KEPT stay
         checkpoints = CHECKPOINTS_KEPT * m * p * F32 * (1 + optimizer_slots)
         parts.append(Part("resume checkpoints", checkpoints, _model_key(cfg)))
     return parts
@@ -221,13 +221,13 @@ def memory_parts(cfg: RunConfig, *, gpu: bool = False) -> list[Part]:
     m, sizes, rows = cfg.train.replicates, parameter_sizes(cfg), _rows(cfg)
     p = sum(sizes.values())
     optimizer_slots = _optimizer_slots(cfg)
-    grad_moments = rows["grad"] > 0
+    grad_moments = rows[GRAD] > 0
     # built once on the CPU and copied per replicate; a snapshot row and a checkpoint on their way to the store
     per_param = F32 * (2 + m * (2 + optimizer_slots) + (4 * m if grad_moments else 0))
     if not gpu:  # each replicate's own copy, gradient and optimizer state; float64 moment accumulators
         per_param += F32 * m * (2 + optimizer_slots) + (32 * m if grad_moments else 0)
     # every probe keeps the set of its recorded steps (grad moments also the params schedule)
-    entries = sum(rows[s] for s in rows if s != "metrics_fine") + (rows["params"] if grad_moments else 0)
+    entries = sum(rows[s] for s in rows if s != METRICS_FINE) + (rows[PARAMS] if grad_moments else 0)
     features = math.prod(input_shape(cfg))
     if cfg.data.name in POOL_SIZES:  # the whole image set is read: uint8 files (digits: float64) made float32
         data_bytes = POOL_SIZES[cfg.data.name] * features * (F32 + (8 if cfg.data.name == "digits" else 1))
