@@ -349,7 +349,8 @@ def _load_cifar10(root: Path, download: bool) -> tuple[torch.Tensor, torch.Tenso
             try:
                 with open(folder / name, "rb") as f:
                     entry = pickle.load(f, encoding="latin1")  # the official pickles come from Python 2
-                xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                images = entry["data"]  # layout: not a store name (the CIFAR-10 pickle key)
+                xs.append(np.asarray(images, dtype=np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(entry["labels"], dtype=np.int64))
             except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as exc:
                 raise DataError(f"could not read CIFAR-10 batch {folder / name}: {exc!r}") from None
