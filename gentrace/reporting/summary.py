@@ -42,7 +42,7 @@ def summarize(reader: StoreReader) -> dict[str, Any]:
     streams = []
     for name, paths in reader.streams().items():
         rows = reader.committed(name)
-        steps = _tolerant(compacting, partial(reader.array, f"{name}/step"), None) if rows else None
+        steps = _tolerant(compacting, partial(reader.array, schema.step_of(name)), None) if rows else None
         streams.append(
             StreamSummary(
                 name=name,

@@ -530,7 +530,7 @@ class StoreWriter:
         for block in blocks:
             stop = block.start + block.rows
             self.stats.committed[block.stream] = max(stop, self.stats.committed.get(block.stream, 0))
-            steps = block.arrays.get(f"{block.stream}/step")
+            steps = block.arrays.get(schema.step_of(block.stream))
             if steps is not None and len(steps):
                 self._last_step = max(self._last_step, int(np.max(steps)))
         checkpoints = [b.checkpoint_step for b in blocks if b.checkpoint is not None]

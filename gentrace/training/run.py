@@ -312,7 +312,7 @@ def _resume_point(cfg: RunConfig | None, path: Path) -> _ResumePoint | None:
             sys.stderr.write(
                 f"warning: {path}: the checkpoint of {damaged[0]} is damaged; resuming from the one of step {last}\n"
             )
-        keep = {s: int((reader.array(schema.STREAMS[s].step) <= last).sum()) for s in reader.streams()}
+        keep = {s: int((reader.array(schema.step_of(s)) <= last).sum()) for s in reader.streams()}
         return _ResumePoint(stored, last, keep, payload)
     why = f" (damaged: {', '.join(damaged)})" if damaged else ""
     raise StoreError(
