@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gentrace.analyses import lipschitz
-from gentrace.analyses.mi_references import rebuild_data
+from gentrace.analyses.replay import Replay
 from gentrace.core import config
 from gentrace.core.config import ModelConfig
 from gentrace.core.errors import AnalysisInputError, MissingStreamError
@@ -268,7 +268,7 @@ def test_run_equals_brute_force_on_the_stored_snapshot(store: Path, jacobian: bo
     cfg = config.from_dict(reader.config)
     model = build_model(cfg.model, tuple(reader.attrs["input_shape"]), int(reader.attrs["num_classes"]))
     model.load_state_dict({n: torch.from_numpy(reader.array(f"params/{n}")[g, m]) for n, _ in model.named_parameters()})
-    per_point = _brute(model.eval(), rebuild_data(reader).x_train[m], jacobian)
+    per_point = _brute(model.eval(), Replay(reader).inputs("train", m), jacobian)
     row = df[(df["step"] == reader.array("params/step")[g]) & (df["replicate"] == m)].iloc[0]
     want = [*np.quantile(per_point, (0.1, 0.5, 1.0)), per_point.mean()]
     np.testing.assert_allclose(row[["q10", "q50", "max", "mean"]].to_numpy(float), want, rtol=RTOL)

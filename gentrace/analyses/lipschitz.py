@@ -3,8 +3,8 @@
 Loukas et al., "What training reveals about neural network complexity" (NeurIPS 2021;
 shared/papers/bth-lipschitz-training-dynamics.txt, section 1.1): a ReLU network is piecewise linear,
 so its Lipschitz constant on the linear region that contains x is the norm of its input gradient at x.
-For each parameter snapshot (`params` stream row, replicate m; the network rebuilt with `build_model`
-from the stored config and loaded with that row, in eval mode) and each point x (SPEC section 5):
+For each parameter snapshot (`params` stream row, replicate m; the network rebuilt from the stored
+config and loaded with that row by gentrace.analyses.replay, in eval mode) and each point x (SPEC section 5):
 
     L(x) = ||d f(x) / d x||_2                 one output (mse, bce): the output itself
     L(x) = ||d f_c(x) / d x||_2,  c = argmax_k f_k(x)   several outputs: the predicted-class logit
@@ -36,7 +36,6 @@ Quantiles are `np.quantile` (linear interpolation) of the per-point values; a qu
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Collection, Mapping, Sequence
 
@@ -47,13 +46,10 @@ from torch import nn
 
 from gentrace.analyses.bits import resolve_device
 from gentrace.analyses.gsnr import epochs_of
-from gentrace.analyses.mi_references import rebuild_data
-from gentrace.core.config import from_dict
+from gentrace.analyses.replay import Replay
 from gentrace.core.errors import AnalysisInputError
 from gentrace.store import schema
 from gentrace.store.reader import StoreReader
-from gentrace.task.losses import output_dim, resolve_loss
-from gentrace.task.models import build_model
 
 WHERE = ("train", "test", "far", "all")
 GROUPS = {
@@ -222,46 +218,13 @@ def groups_of(where: str | Collection[str]) -> tuple[str, ...]:
 
 
 # -- the store side -------------------------------------------------------------------------------
-def _model(reader: StoreReader) -> nn.Module:
-    """The run's network, freshly built from the stored config (parameters replaced per snapshot)."""
-    cfg = from_dict(reader.config)
-    attrs = reader.attrs
-    num_classes = int(attrs["num_classes"])
-    loss = resolve_loss(str(attrs["loss"]), num_classes)
-    model = build_model(cfg.model, tuple(int(s) for s in attrs["input_shape"]), output_dim(loss, num_classes))
-    names = [n for n, _ in model.named_parameters()]
-    missing = [n for n in names if n not in reader.tensor_names("params")]
-    if missing:
-        raise AnalysisInputError(
-            f"{reader.path}: the parameter snapshots lack {', '.join(missing[:4])}"
-            f"{', ...' if len(missing) > 4 else ''}; lipschitz rebuilds the whole network: record "
-            'them with record.params.names = "all"'
-        )
-    return model
-
-
-def _buffers(reader: StoreReader, model: nn.Module, step: int, replicate: int) -> dict[str, torch.Tensor]:
-    """Buffers (BatchNorm running statistics) at `step`, from the resume checkpoint saved with the snapshot."""
-    names = [n for n, _ in model.named_buffers()]
-    if not names:
-        return {}
-    if step not in reader.checkpoint_steps():
-        raise AnalysisInputError(
-            f"{reader.path}: this {type(model).__name__} has buffers ({names[0]}, ...) that parameter "
-            f"snapshots do not hold, and there is no checkpoint for step {step} to take them from"
-        )
-    state = torch.load(io.BytesIO(reader.checkpoint(step)), map_location="cpu", weights_only=False)
-    return {n: state["models"][replicate][n] for n in names}
-
-
-def _points(reader: StoreReader, groups: Sequence[str]) -> list[dict[str, np.ndarray]]:
+def _points(replay: Replay, groups: Sequence[str]) -> list[dict[str, np.ndarray]]:
     """Per replicate: where -> `[n, *input_shape]` float32 points."""
-    ds = rebuild_data(reader)
     out = []
-    for m in range(ds.x_train.shape[0]):
-        x_train = ds.x_train[m].numpy()
+    for m in range(replay.replicates):
+        x_train = replay.inputs("train", m).numpy()
         far = far_points(x_train, (FAR_SEED, m)) if any(g.startswith("far") for g in groups) else {}
-        every = {"train": x_train, "test": ds.x_test.numpy(), **far}
+        every = {"train": x_train, "test": replay.inputs("test", m).numpy(), **far}
         out.append({g: every[g] for g in groups})
     return out
 
@@ -296,19 +259,16 @@ def run(
     quantile_columns(quantiles)  # fail on bad levels before the slow part
     reader.require(schema.PARAMS)
     dev = torch.device(resolve_device(device))  # a device that is not there is refused before the slow part
-    model = _model(reader).to(dev).eval()
+    replay = Replay(reader, "lipschitz")
+    model = replay.model().to(dev).eval()
     model.requires_grad_(False)  # input gradients only
-    steps = reader.array("params/step")
-    rows = len(steps)  # read once: a live run may commit more rows while this runs
+    steps = replay.steps  # read once: a live run may commit more rows while this runs
     epochs = epochs_of(reader, steps)
-    points = [{w: torch.from_numpy(x).to(dev) for w, x in p.items()} for p in _points(reader, groups)]
-    tensors = {n: reader.lazy(f"params/{n}") for n, _ in model.named_parameters()}
+    points = [{w: torch.from_numpy(x).to(dev) for w, x in p.items()} for p in _points(replay, groups)]
     frames = []
-    for g in range(rows):
-        row = {n: np.asarray(a[g]) for n, a in tensors.items()}  # [M, *shape]
+    for g in range(len(steps)):
         for m, sets in enumerate(points):
-            state = {n: torch.from_numpy(v[m]) for n, v in row.items()} | _buffers(reader, model, int(steps[g]), m)
-            model.load_state_dict(state, strict=True)
+            replay.load(model, g, m)
             values = {w: input_gradient_norms(model, x, jacobian=jacobian).cpu().numpy() for w, x in sets.items()}
             frames.append(compute(values, int(steps[g]), int(epochs[g]), m, quantiles))
     return pd.concat(frames, ignore_index=True)

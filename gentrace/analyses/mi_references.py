@@ -16,9 +16,9 @@ Nakkiran et al. 2019 (shared/papers/sgd-increasing-complexity-mutual-information
   128, CNN_EPOCHS epochs, cross-entropy) on replicate m's training inputs labelled by the network's
   predictions at the last recorded step; seeded by `model.seed`. Image data only.
 
-The data set is rebuilt from the stored config (gentrace.task.data.build_data) and checked against the
-stored `data/train_index` and `data/test_index`, so the reference predicts exactly the samples the
-run's predictions cover. Each reference is stored as `derived/mi/<reference>/<split>` [M, n_split]
+The data set is rebuilt from the stored config and checked against the stored `data/train_index` and
+`data/test_index` (gentrace.analyses.replay), so the reference predicts exactly the samples the run's
+predictions cover. Each reference is stored as `derived/mi/<reference>/<split>` [M, n_split]
 int16 (gentrace.store.schema.mi_reference_array) with attrs naming the step it was fitted on; a
 cached array whose step no longer matches the store (a resumed run) is recomputed.
 
@@ -40,12 +40,12 @@ from torch import nn
 from zarr.storage import LocalStore
 
 from gentrace.analyses import information
+from gentrace.analyses.replay import Replay
 from gentrace.core.config import from_dict
 from gentrace.core.errors import AnalysisInputError, StoreError
 from gentrace.store import schema
 from gentrace.store.lock import StoreLock
 from gentrace.store.reader import StoreReader
-from gentrace.task.data import Dataset, build_data
 
 REFERENCES = ("linear", "fit-linear", "cnn2", "cnn4", "cnn6")
 LOGISTIC_C = 1.0
@@ -121,36 +121,20 @@ def fit_cnn(
 
 
 # -- the store side -----------------------------------------------------------------------------
-def rebuild_data(reader: StoreReader) -> Dataset:
-    """The run's data set, rebuilt from its stored config and checked against the stored indices."""
-    cfg = from_dict(reader.config)
-    replicates = int(np.asarray(reader.array("data/train_index")).shape[0])
-    ds = build_data(cfg.data, replicates)
-    same = np.array_equal(ds.train_index, reader.array("data/train_index")) and np.array_equal(
-        ds.test_index, reader.array("data/test_index")
-    )
-    if not same:
-        raise StoreError(
-            f"{reader.path}: the data set rebuilt from the stored config does not match the stored "
-            "data/train_index and data/test_index; the reference cannot be fitted on the run's samples"
-        )
-    return ds
-
-
 def _target_step(reader: StoreReader, name: str) -> list[int]:
     """The recorded step of the network predictions each replicate's reference is fitted to (-1: none)."""
-    steps = reader.array("preds/step")
+    steps = reader.array(schema.PREDS.step)
     if name == "linear":
-        return [-1] * int(reader.array("data/train_index").shape[0])
-    if "preds/train" not in reader.streams()["preds"]:
+        return [-1] * int(reader.array(schema.DATA.train_index).shape[0])
+    if schema.PREDS.split("train") not in reader.streams()[schema.PREDS.name]:
         raise AnalysisInputError(
             f"{reader.path}: reference {name} is fitted to the network's training-set predictions; "
             "record them with record.predictions.splits = ['train', 'test']"
         )
     if name != "fit-linear":
-        return [int(steps[-1])] * int(reader.array("data/train_index").shape[0])
+        return [int(steps[-1])] * int(reader.array(schema.DATA.train_index).shape[0])
     linear = reference_predictions(reader, "linear", "test")
-    labels = reader.array("data/labels_test")
+    labels = reader.array(schema.DATA.labels_test)
     k = information.check_classification(reader)
     out = []
     for m in range(linear.shape[0]):
@@ -163,24 +147,26 @@ def _target_step(reader: StoreReader, name: str) -> list[int]:
 
 def _fit(reader: StoreReader, name: str, fitted_on: list[int]) -> dict[str, np.ndarray]:
     """Fit the reference per replicate; predictions {split: [M, n_split] int64} on both splits."""
-    ds = rebuild_data(reader)
+    replay = Replay(reader, "mi")
+    replay.data()  # rebuilt and checked against the store before anything is read or fitted
     k = int(reader.attrs["num_classes"])
-    steps = list(np.asarray(reader.array("preds/step")))
-    train_labels = reader.array("data/labels_train")
+    steps = list(np.asarray(reader.array(schema.PREDS.step)))
+    train_labels = reader.array(schema.DATA.labels_train)
     out: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     for m, step in enumerate(fitted_on):
         if name == "linear":
             target = np.asarray(train_labels[m], dtype=np.int64)
         else:
             row = steps.index(step)
-            target = np.asarray(reader.lazy("preds/train")[row, m], dtype=np.int64)
+            target = np.asarray(reader.lazy(schema.PREDS.split("train"))[row, m], dtype=np.int64)
+        x_train, x_test = replay.inputs("train", m), replay.inputs("test", m)
         if name in ("linear", "fit-linear"):
-            x = ds.x_train[m].flatten(1).numpy()
-            train, test = fit_linear(x, target, [x, ds.x_test.flatten(1).numpy()])
+            x = x_train.flatten(1).numpy()
+            train, test = fit_linear(x, target, [x, x_test.flatten(1).numpy()])
         else:
             cfg = from_dict(reader.config)
             train, test = fit_cnn(
-                int(name[3:]), ds.x_train[m], target, [ds.x_train[m], ds.x_test], cfg.model.channels, k, cfg.model.seed
+                int(name[3:]), x_train, target, [x_train, x_test], cfg.model.channels, k, cfg.model.seed
             )
         out["train"].append(train)
         out["test"].append(test)

@@ -18,7 +18,6 @@ The loop calls the recorder at defined points and contains no storage code.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -32,6 +31,7 @@ from gentrace.core.schedules import Timeline, timeline
 from gentrace.record.base import Batch, StepInfo
 from gentrace.record.ranks import Dist
 from gentrace.record.recorder import Recorder
+from gentrace.task.checkpoint import TrainingState, pack, unpack
 from gentrace.task.data import Dataset
 from gentrace.task.losses import LossName, per_sample_loss, resolve_loss, sample_error
 
@@ -101,34 +101,33 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
     def checkpoint(self, extra: dict[str, Any] | None = None) -> bytes:
         """Model, optimizer and RNG state at the current step (plus `extra`, e.g. probe state), serialized."""
-        state: dict[str, Any] = {
-            "extra": extra or {},
-            "step": self.step,
-            "epoch": self.epoch,
-            "models": [model.state_dict() for model in self.models],
-            "optimizer": self.optimizer.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        return buffer.getvalue()
+        return pack(
+            TrainingState(
+                step=self.step,
+                epoch=self.epoch,
+                models=[model.state_dict() for model in self.models],
+                optimizer=self.optimizer.state_dict(),
+                rng_cpu=torch.get_rng_state(),
+                rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                extra=extra or {},
+            )
+        )
 
     def restore(self, payload: bytes) -> dict[str, Any]:
         """Continue from a checkpoint written by `checkpoint`; returns its `extra`."""
-        state = torch.load(io.BytesIO(payload), map_location=self.data.x_train.device, weights_only=False)
-        for model, model_state in zip(self.models, state["models"], strict=True):
+        state = unpack(payload, map_location=self.data.x_train.device)
+        for model, model_state in zip(self.models, state.models, strict=True):
             model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.optimizer.load_state_dict(state.optimizer)
+        torch.set_rng_state(state.rng_cpu)
+        if state.rng_cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state.rng_cuda)
+        self.step, self.epoch = state.step, state.epoch
         if self.dist.world > 1:  # the checkpoint holds rank 0's RNG; every rank draws its own dropout masks
             seed = np.random.SeedSequence([self.cfg.model.seed, self.dist.rank, self.step]).generate_state(1)[0]
             torch.manual_seed(int(seed))
         self.restored = True
-        return dict(state.get("extra", {}))
+        return dict(state.extra)
 
     # -- the loop -------------------------------------------------------------------------------
     def _ddp(self) -> nn.Module:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
-import io
 import platform
 import signal
 import sys
@@ -41,6 +40,7 @@ from gentrace.record.recorder import Recorder
 from gentrace.store import schema
 from gentrace.store.reader import StoreReader
 from gentrace.store.writer import StoreWriter, create_store, open_for_resume
+from gentrace.task import checkpoint
 from gentrace.task.data import Dataset, build_data
 from gentrace.task.losses import output_dim, resolve_loss
 from gentrace.task.models import apply_freeze, build_model
@@ -323,9 +323,7 @@ def _resume_point(cfg: RunConfig | None, path: Path) -> _ResumePoint | None:
 
 def _check_loadable(payload: bytes) -> None:
     """Raise unless `payload` deserializes to a training checkpoint (Trainer.checkpoint's layout)."""
-    state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or not {"models", "optimizer", "step"} <= set(state):
-        raise ValueError("not a gentrace training checkpoint")
+    checkpoint.check(payload)
 
 
 def _reopen(path: Path, keep: dict[str, int], recorder: Recorder, last: int) -> StoreWriter:

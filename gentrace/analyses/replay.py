@@ -1,0 +1,168 @@
+"""Replay a recorded run offline: the network at a parameter snapshot and the inputs of a split.
+
+The analyses that need the network or the data themselves (lipschitz, the mi references) get them
+here and nowhere else:
+
+- the network: `build_network`, a fresh net of the stored config and attrs (gentrace.task.models.
+  build_model with the run's input shape and output width), loaded per snapshot with row g of every
+  `params/<tensor>` array and, when the net has buffers (BatchNorm running statistics, which the
+  snapshots do not hold), with the buffers of the training-state checkpoint taken with that snapshot
+  (gentrace.task.checkpoint);
+- the data: `build_dataset`, the data set rebuilt from the stored config (gentrace.task.data.build_data),
+  checked against the stored `data/train_index` and `data/test_index`, so a replay sees exactly the
+  samples the run's predictions cover.
+
+How the net and the data set are built is decided in those two functions only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from gentrace.core.config import from_dict
+from gentrace.core.errors import AnalysisInputError, StoreError
+from gentrace.store import schema
+from gentrace.store.integrity import CheckedArray
+from gentrace.store.reader import StoreReader
+from gentrace.task.checkpoint import unpack
+from gentrace.task.data import Dataset, build_data
+from gentrace.task.losses import output_dim, resolve_loss
+from gentrace.task.models import build_model
+
+SPLITS = ("train", "test")
+
+
+def build_network(reader: StoreReader) -> nn.Module:
+    """A freshly initialized network of the run: its stored model config, input shape and output width."""
+    cfg = from_dict(reader.config)
+    attrs = reader.attrs
+    num_classes = int(attrs["num_classes"])
+    loss = resolve_loss(str(attrs["loss"]), num_classes)
+    return build_model(cfg.model, tuple(int(s) for s in attrs["input_shape"]), output_dim(loss, num_classes))
+
+
+def build_dataset(reader: StoreReader) -> Dataset:
+    """The run's data set rebuilt from its stored data config, for as many replicates as the store has."""
+    cfg = from_dict(reader.config)
+    replicates = int(np.asarray(reader.array(schema.DATA.train_index)).shape[0])
+    return build_data(cfg.data, replicates)
+
+
+class Replay:
+    """The network and the data of one recorded run, rebuilt from its store.
+
+    Args:
+        reader: the opened store.
+        analysis: the analysis asking, named in the errors ("lipschitz rebuilds the whole network").
+    """
+
+    def __init__(self, reader: StoreReader, analysis: str = "lipschitz") -> None:
+        self.reader = reader
+        self.analysis = analysis
+        self._steps: np.ndarray | None = None
+        self._data: Dataset | None = None
+        self._tensors: dict[str, CheckedArray] = {}
+        self._row: tuple[int, dict[str, np.ndarray]] | None = None  # the last params row read: [M, *shape] each
+        self._state: tuple[int, list[dict[str, torch.Tensor]]] | None = None  # the last checkpoint's models
+
+    # -- the network ----------------------------------------------------------------------------
+    @property
+    def steps(self) -> np.ndarray:
+        """`params/step` [S]: the step of each snapshot, read once (a live run may commit more rows meanwhile)."""
+        if self._steps is None:
+            self._steps = self.reader.array(schema.PARAMS.step)
+        return self._steps
+
+    def model(self) -> nn.Module:
+        """A fresh network of the run (`build_network`), on the CPU, in train mode; `load` gives it a snapshot.
+
+        Raises:
+            AnalysisInputError: the parameter snapshots lack some of the network's tensors.
+        """
+        model = build_network(self.reader)
+        recorded = self.reader.tensor_names(schema.PARAMS.name)
+        missing = [n for n, _ in model.named_parameters() if n not in recorded]
+        if missing:
+            raise AnalysisInputError(
+                f"{self.reader.path}: the parameter snapshots lack {', '.join(missing[:4])}"
+                f"{', ...' if len(missing) > 4 else ''}; {self.analysis} rebuilds the whole network: record "
+                'them with record.params.names = "all"'
+            )
+        return model
+
+    def load(self, model: nn.Module, row: int, replicate: int) -> nn.Module:
+        """Load replicate `replicate` of snapshot `row` (a row of `params/step`) into `model` (strict); returns it.
+
+        Parameters come from `params/<tensor>[row, replicate]`, buffers from the checkpoint of that step.
+
+        Raises:
+            AnalysisInputError: the net has buffers and there is no checkpoint for the snapshot's step.
+        """
+        params = {n: torch.from_numpy(v[replicate]) for n, v in self._params_row(model, row).items()}
+        model.load_state_dict(params | self.buffers(model, int(self.steps[row]), replicate), strict=True)
+        return model
+
+    def _params_row(self, model: nn.Module, row: int) -> dict[str, np.ndarray]:
+        """Row `row` of every parameter snapshot array: name -> `[M, *shape]`, kept for the next replicate."""
+        if self._row is None or self._row[0] != row:
+            for name, _ in model.named_parameters():
+                if name not in self._tensors:
+                    self._tensors[name] = self.reader.lazy(schema.PARAMS.tensor(name))
+            self._row = (row, {n: np.asarray(self._tensors[n][row]) for n, _ in model.named_parameters()})
+        return self._row[1]
+
+    def buffers(self, model: nn.Module, step: int, replicate: int) -> dict[str, torch.Tensor]:
+        """The buffers of `model` at `step` (BatchNorm running statistics), from the checkpoint saved with the snapshot.
+
+        Returns:
+            name -> tensor on the CPU; {} for a net without buffers (no checkpoint is read).
+        """
+        names = [n for n, _ in model.named_buffers()]
+        if not names:
+            return {}
+        if self._state is None or self._state[0] != step:
+            if step not in self.reader.checkpoint_steps():
+                raise AnalysisInputError(
+                    f"{self.reader.path}: this {type(model).__name__} has buffers ({names[0]}, ...) that parameter "
+                    f"snapshots do not hold, and there is no checkpoint for step {step} to take them from"
+                )
+            self._state = (step, unpack(self.reader.checkpoint(step), map_location="cpu").models)
+        return {n: self._state[1][replicate][n] for n in names}
+
+    # -- the data -------------------------------------------------------------------------------
+    def data(self) -> Dataset:
+        """The run's data set (`build_dataset`), checked against the stored indices; built once.
+
+        Raises:
+            StoreError: the rebuilt data set's indices differ from `data/train_index` or `data/test_index`.
+        """
+        if self._data is None:
+            ds = build_dataset(self.reader)
+            same = np.array_equal(ds.train_index, self.reader.array(schema.DATA.train_index)) and np.array_equal(
+                ds.test_index, self.reader.array(schema.DATA.test_index)
+            )
+            if not same:
+                raise StoreError(
+                    f"{self.reader.path}: the data set rebuilt from the stored config does not match the stored "
+                    "data/train_index and data/test_index; the reference cannot be fitted on the run's samples"
+                )
+            self._data = ds
+        return self._data
+
+    @property
+    def replicates(self) -> int:
+        """M, the run's replicates (of the rebuilt data set)."""
+        return int(self.data().x_train.shape[0])
+
+    def inputs(self, split: str, replicate: int) -> torch.Tensor:
+        """Inputs of `split`: replicate `replicate`'s training subset `[n, *input_shape]`, or the shared test set.
+
+        Raises:
+            ValueError: a split other than train and test.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
+        ds = self.data()
+        return ds.x_train[replicate] if split == "train" else ds.x_test
