@@ -48,6 +48,17 @@ def is_store_name(text: str, names: frozenset[str] = STORE_NAMES) -> bool:
     return text.split("/", 1)[0] in names
 
 
+# The names arrays have inside their stream (`<stream>/step`, `grad/<tensor>/sum`, `acts/<layer>/bits`, ...).
+ARRAY_LEAVES = frozenset(
+    ["step", "epoch", "lr", "bits", "values", "n", "loss_sum", "mean", "max", *schema.GRAD.MOMENTS]
+)
+
+
+def is_array_leaf(text: str) -> bool:
+    """`text` continues a path with an array's own name: "/step", "/sum", "/bits/..." (the text after a `{name}`)."""
+    return text.startswith("/") and text[1:].split("/", 1)[0] in ARRAY_LEAVES
+
+
 def _docstrings(tree: ast.AST) -> set[int]:
     found = set()
     for node in ast.walk(tree):
@@ -76,11 +87,15 @@ def store_name_literals(path: str, source: str) -> list[str]:
             inner.update(id(v) for v in node.values)
             if node.values and isinstance(node.values[0], ast.Constant) and isinstance(node.values[0].value, str):
                 literals.append((node, node.values[0].value))
+            # `f"{stream}/step"`: a path built from a name and an array's own name
+            literals += [
+                (node, v.value) for v in node.values[1:] if isinstance(v, ast.Constant) and is_array_leaf(v.value)
+            ]
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             literals.append((node, node.value))
     found = []
     for node, text in literals:
-        if id(node) in skip or id(node) in inner or not is_store_name(text):
+        if id(node) in skip or id(node) in inner or not (is_store_name(text) or is_array_leaf(text)):
             continue
         lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
         if not exempt.intersection(lines):
@@ -323,6 +338,11 @@ def test_store_names_come_from_the_schema() -> None:
         # not store names: config keys, other words, text after a formatted value, docstrings, exempt lines
         ('x = "record.params.every_epochs"\ny = "gradient"\nz = "metricsx/a"\n', []),
         ('x = f"{root}/grad/{t}"\n', []),
+        (
+            'x = f"{stream}/step"\ny = f"grad/{t}/sum"\n',
+            ["gentrace/a.py:1: '/step'", "gentrace/a.py:2: '/sum'", "gentrace/a.py:2: 'grad/'"],
+        ),
+        ('x = f"{a}/{b}"\ny = f"{n}/stepwise"\n', []),
         ('"""data/ holds the indices."""\n', []),
         ('x = cfg.get("data")  # layout: not a store name (the config section)\n', []),
     ],
