@@ -1,70 +1,33 @@
 """`gentrace analyze ...` and `gentrace plot ...`: parse -> call an analysis -> write a table or a figure.
 
-Tables go to stdout as CSV unless `--format` or `-o` say otherwise (gentrace.cli.output); figures go to
-the `-o` file (gentrace.reporting.plots). The analyses, pandas and matplotlib are imported inside the
-commands, so `gentrace --help` and `gentrace record` do not pay for them.
+The commands are built from the analyses' registry (gentrace.analyses.registry): one `analyze NAME`
+and one `plot NAME` per entry, with the entry's help and options. Tables go to stdout as CSV unless
+`--format` or `-o` say otherwise (gentrace.cli.output); figures go to the `-o` file
+(gentrace.reporting.plots). The analyses, pandas and matplotlib are imported inside the commands, so
+`gentrace --help` and `gentrace record` do not pay for them.
 """
 
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import sys
-from collections.abc import Callable, Iterable
-from enum import StrEnum
+from collections.abc import Callable, Iterable, Mapping
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from gentrace.analyses.registry import REGISTRY, Analysis, BadOptionValue, Option, Plot
 from gentrace.cli.errors import user_errors
-from gentrace.core.errors import AnalysisInputError, ConfigError
+from gentrace.core.errors import ConfigError
 from gentrace.store.reader import StoreReader
 from gentrace.training.sweep import over_stores
 
 if TYPE_CHECKING:
     import pandas as pd
-
-analyze_app = typer.Typer(
-    help="Compute a diagnostic from a store; CSV on stdout (--format, -o change that).", no_args_is_help=True
-)
-plot_app = typer.Typer(help="Draw a diagnostic of one or more stores into an image file.", no_args_is_help=True)
-
-
-class By(StrEnum):
-    """Granularity of `analyze gsnr`."""
-
-    model = "model"
-    layer = "layer"
-    param = "param"
-
-
-class PathKind(StrEnum):
-    """What `analyze paths` computes (SPEC section 5)."""
-
-    overlap = "overlap"
-    cross = "cross"
-    self_ = "self"
-    rank = "rank"
-    ratio = "ratio"
-
-
-class MiReference(StrEnum):
-    """Reference classifier L of `analyze mi` (gentrace.analyses.mi_references)."""
-
-    linear = "linear"
-    fit_linear = "fit-linear"
-    null = "null"
-    cnn2 = "cnn2"
-    cnn4 = "cnn4"
-    cnn6 = "cnn6"
-
-
-class MiSplit(StrEnum):
-    """The split that stands for the population in `analyze mi`."""
-
-    test = "test"
-    train = "train"
 
 
 class Format(StrEnum):
@@ -130,21 +93,6 @@ def _figure_file(out: Path) -> None:
         raise ConfigError(f"-o {out}: matplotlib cannot write {out.suffix} figures; use one of {known}")
 
 
-def _device(device: str | None) -> str | None:
-    """`--device` of the analyses: auto (None), cpu, cuda, cuda:N; refused before any work when it is not there."""
-    from gentrace.analyses.bits import resolve_device
-
-    return None if device in (None, "auto") else resolve_device(device)
-
-
-def _parse_replicate(value: str) -> int | None:
-    if value == "all":
-        return None
-    if value.isdigit():
-        return int(value)
-    raise typer.BadParameter(f"give a replicate number (0, 1, ...) or 'all', not {value!r}", param_hint="--replicate")
-
-
 def _emit(table: pd.DataFrame | Iterable[pd.DataFrame], fmt: Format, out: Path | None) -> None:
     from gentrace.cli import output as report
 
@@ -170,237 +118,110 @@ def _emit_on_dask(
         _emit(over_stores(stores, lambda reader: dask_backend.frames(make_plan(reader, parts), client)), fmt, out)
 
 
-@analyze_app.command("gsnr")
-@user_errors
-def analyze_gsnr(
-    stores: AnalyzeStoresArg,
-    by: Annotated[
-        By, typer.Option(help="model: one row per step and replicate; layer: per tensor; param: per parameter.")
-    ] = By.model,
-    replicate: Annotated[str, typer.Option(help="A replicate number, or 'all'.")] = "all",
-    fmt: FormatOpt = Format.csv,
-    out: OutOpt = None,
-    dask: DaskOpt = None,
-) -> None:
-    """GSNR (mean, median), same-sign fraction and zero-variance count per recorded step."""
-    from gentrace.analyses import gsnr
-
-    chosen = _parse_replicate(replicate)
-    if dask is not None:
-        _emit_on_dask(stores, lambda reader, _: gsnr.plan(reader, by.value, chosen), dask, fmt, out)
-        return
-    _emit(over_stores(stores, lambda reader: gsnr.frames(reader, by.value, chosen)), fmt, out)
+ANALYZE_HELP = "Compute a diagnostic from a store; CSV on stdout (--format, -o change that)."
+PLOT_HELP = "Draw a diagnostic of one or more stores into an image file."
+_KEYWORD = inspect.Parameter.KEYWORD_ONLY
 
 
-@analyze_app.command("osgr")
-@user_errors
-def analyze_osgr(
-    stores: AnalyzeStoresArg,
-    summary: Annotated[
-        bool, typer.Option("--summary", help="One row: Pearson r of lhs and rhs over steps, and their means.")
-    ] = False,
-    fmt: FormatOpt = Format.csv,
-    out: OutOpt = None,
-) -> None:
-    """One-step generalization ratio: both sides of eq. 17 and eq. 20 per recorded step (needs replicates)."""
-    from gentrace.analyses import osgr
-
-    _emit(over_stores(stores, lambda reader: osgr.run(reader, summary=summary)), fmt, out)
-
-
-@analyze_app.command("paths")
-@user_errors
-def analyze_paths(
-    stores: AnalyzeStoresArg,
-    layer: Annotated[str, typer.Option(help="A ReLU call site (acts/<layer>), or 'all'.")] = "all",
-    kind: Annotated[
-        PathKind,
-        typer.Option(
-            help="overlap | cross (vs the previous epoch) | self | rank (nearest neighbours) | ratio (early/mid cross)."
-        ),
-    ] = PathKind.overlap,
-    pairs: Annotated[
-        bool, typer.Option("--pairs", help="Every pair (rank: every base and other) instead of summaries.")
-    ] = False,
-    device: Annotated[str, typer.Option(help="Where pairwise products run: auto | cpu | cuda | cuda:N.")] = "auto",
-    fmt: FormatOpt = Format.csv,
-    out: OutOpt = None,
-    dask: DaskOpt = None,
-) -> None:
-    """ReLU path similarity of the probe samples per recorded epoch and layer (image-functions paper)."""
-    from gentrace.analyses import paths
-
-    device = _device(device) or "auto"
-    if dask is not None:
-        _emit_on_dask(
-            stores,
-            lambda reader, n: paths.plan(reader, layer, kind.value, pairs, device=device, parts=n),
-            dask,
-            fmt,
-            out,
-        )
-        return
-    _emit(over_stores(stores, lambda reader: paths.frames(reader, layer, kind.value, pairs, device=device)), fmt, out)
+def _parameter(option: Option) -> inspect.Parameter:
+    """The typer parameter of a registry option: a choice list becomes an enum, a bool an on-only `--NAME` flag."""
+    kind: Any = option.type
+    default = option.default
+    if option.choices:
+        choices: Any = StrEnum(option.name.title(), [(choice, choice) for choice in option.choices])  # type: ignore[misc]
+        kind, default = choices, choices(default)
+    declared = (f"--{option.name}",) if option.type is bool else ()
+    annotated: Any = Annotated  # the type is a value here, which static checkers refuse inside Annotated[...]
+    return inspect.Parameter(
+        option.name,
+        _KEYWORD,
+        default=default,
+        annotation=annotated[kind, typer.Option(*declared, help=option.help, min=option.min)],
+    )
 
 
-@analyze_app.command("mi")
-@user_errors
-def analyze_mi(
-    stores: AnalyzeStoresArg,
-    reference: Annotated[
-        MiReference,
-        typer.Option(help="L: logistic regression, linear fit of f_T0, null model, or a K-layer CNN fit to f_final."),
-    ] = MiReference.linear,
-    split: Annotated[MiSplit, typer.Option(help="The split standing for the population.")] = MiSplit.test,
-    summary: Annotated[
-        bool, typer.Option("--summary", help="T0 and mu(F_T0;L)/I(F_T0;Y) for the reference and the null model.")
-    ] = False,
-    fmt: FormatOpt = Format.csv,
-    out: OutOpt = None,
-    dask: DaskOpt = None,
-) -> None:
-    """I(F_t;Y), I(F_t;Y_S), mu(F_t;L) and the conditional informations per recorded step, in bits."""
-    from gentrace.analyses import mi
-
-    if dask is not None:
-        _emit_on_dask(
-            stores,
-            lambda reader, n: mi.plan(reader, reference.value, split.value, summary=summary, parts=n),
-            dask,
-            fmt,
-            out,
-        )
-        return
-    _emit(over_stores(stores, lambda reader: mi.run(reader, reference.value, split.value, summary=summary)), fmt, out)
+def _values(options: Iterable[Option], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of the analysis (or plot): each option's value, parsed, in `--help` order."""
+    values = {}
+    for option in options:
+        value = given[option.name]
+        if isinstance(value, Enum):
+            value = value.value
+        if option.parse is not None:
+            try:
+                value = option.parse(value)
+            except BadOptionValue as exc:
+                raise typer.BadParameter(str(exc), param_hint=f"--{option.name}") from None
+        values[option.name] = value
+    return values
 
 
-class TrajectoryBy(StrEnum):
-    """Granularity of `analyze trajectory`."""
-
-    replicate = "replicate"
-    epoch = "epoch"
-    step = "step"
-
-
-@analyze_app.command("trajectory")
-@user_errors
-def analyze_trajectory(
-    stores: AnalyzeStoresArg,
-    param: Annotated[
-        str | None,
-        typer.Option(help="Tensor to follow [default: the first params_fine tensor, the first layer's bias]."),
-    ] = None,
-    last: Annotated[
-        int | None,
-        typer.Option(help="step_variance over the last K snapshots [default: the last 10 epochs' worth].", min=1),
-    ] = None,
-    by: Annotated[
-        TrajectoryBy,
-        typer.Option(help="replicate: one row each; epoch: per epoch; step: cumulative length at every snapshot."),
-    ] = TrajectoryBy.replicate,
-    fmt: FormatOpt = Format.csv,
-    out: OutOpt = None,
-) -> None:
-    """Trajectory length, normalized length, distance from init and step variance of a tensor (BTH paper)."""
-    from gentrace.analyses import trajectory
-
-    _emit(over_stores(stores, lambda reader: trajectory.run(reader, param, last, by.value)), fmt, out)
+def _signed(
+    command: Callable[..., None], name: str, doc: str, parameters: list[inspect.Parameter]
+) -> Callable[..., None]:
+    """`command` with user errors reported (gentrace.cli.errors) and the signature typer reads its options from."""
+    wrapped = user_errors(command)
+    wrapped.__name__ = name
+    wrapped.__doc__ = doc
+    wrapped.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    return wrapped
 
 
-class Where(StrEnum):
-    """Point sets of `analyze lipschitz`."""
-
-    train = "train"
-    test = "test"
-    far = "far"
-    all = "all"
+_RESERVED = ("stores", "fmt", "out", "dask")
 
 
-@analyze_app.command("lipschitz")
-@user_errors
-def analyze_lipschitz(
-    stores: AnalyzeStoresArg,
-    where: Annotated[Where, typer.Option(help="train, test, far (Gaussian and midpoints) or all.")] = Where.all,
-    quantiles: Annotated[
-        str, typer.Option(help="Comma-separated quantiles of the per-point constants (1.0 = max).")
-    ] = "0.1,0.5,0.9,1.0",
-    jacobian: Annotated[
-        bool, typer.Option("--jacobian", help="Spectral norm of the input Jacobian instead of the logit gradient.")
-    ] = False,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N [default: cuda when present].")] = None,
-    fmt: FormatOpt = Format.csv,
-    out: OutOpt = None,
-) -> None:
-    """Local Lipschitz constants (input-gradient norms) near and far from the data, per snapshot (BTH paper)."""
-    from gentrace.analyses import lipschitz
+def analyze_command(entry: Analysis) -> Callable[..., None]:
+    """`gentrace analyze NAME`: the entry's options, then --format, -o and (with a plan) --dask."""
+    clash = [option.name for option in entry.options if option.name in _RESERVED]
+    if clash:
+        raise ValueError(f"analysis {entry.name}: options {clash} clash with the command's own {_RESERVED}")
 
-    try:
-        qs = tuple(float(q) for q in quantiles.split(","))
-    except ValueError:
-        raise AnalysisInputError(f"--quantiles {quantiles!r}: expected numbers like 0.1,0.5,0.9,1.0") from None
-    dev = _device(device)
-    _emit(over_stores(stores, lambda reader: lipschitz.run(reader, where.value, qs, jacobian, dev)), fmt, out)
+    def command(stores: list[Path], fmt: Format, out: Path | None, dask: str | None = None, **given: Any) -> None:
+        values = _values(entry.options, given)
+        if dask is not None:
+            _emit_on_dask(stores, lambda reader, parts: entry.chunk_plan(reader, parts, values), dask, fmt, out)
+            return
+        _emit(over_stores(stores, lambda reader: entry.tables(reader, values)), fmt, out)
+
+    parameters = [
+        inspect.Parameter("stores", _KEYWORD, annotation=AnalyzeStoresArg),
+        *(_parameter(option) for option in entry.options),
+        inspect.Parameter("fmt", _KEYWORD, default=Format.csv, annotation=FormatOpt),
+        inspect.Parameter("out", _KEYWORD, default=None, annotation=OutOpt),
+    ]
+    if entry.plan:
+        parameters.append(inspect.Parameter("dask", _KEYWORD, default=None, annotation=DaskOpt))
+    return _signed(command, f"analyze_{entry.name}", entry.help, parameters)
 
 
-def _plot(name: str, stores: list[Path], out: Path, **options: Any) -> None:
-    """Open the stores, draw with `plots.<name>` into `out` (matplotlib imported only now), say where."""
-    from gentrace.reporting import plots
+def plot_command(plot: Plot) -> Callable[..., None]:
+    """`gentrace plot NAME`: open the stores, draw with `plots.<function>` into `-o` (matplotlib imported only now)."""
 
-    _figure_file(out)
-    if "device" in options:
-        options["device"] = _device(options["device"])
-    readers = [StoreReader(store) for store in stores]
-    typer.echo(str(getattr(plots, name)(readers, out, **options)), err=True)
+    def command(stores: list[Path], out: Path, **given: Any) -> None:
+        from gentrace.reporting import plots
 
+        _figure_file(out)
+        values = _values(plot.options, given)
+        readers = [StoreReader(store) for store in stores]
+        typer.echo(str(getattr(plots, plot.function)(readers, out, **values)), err=True)
 
-@plot_app.command("gsnr")
-@user_errors
-def plot_gsnr(stores: StoresArg, out: FigureOpt) -> None:
-    """Mean GSNR and same-sign fraction over steps, one line per store (e.g. real vs random labels)."""
-    _plot("plot_gsnr", stores, out)
-
-
-@plot_app.command("osgr")
-@user_errors
-def plot_osgr(stores: StoresArg, out: FigureOpt) -> None:
-    """OSGR left vs right side of eq. 17 per recorded step, with the Pearson r in the title."""
-    _plot("plot_osgr", stores, out)
+    parameters = [
+        inspect.Parameter("stores", _KEYWORD, annotation=StoresArg),
+        inspect.Parameter("out", _KEYWORD, annotation=FigureOpt),
+        *(_parameter(option) for option in plot.options),
+    ]
+    return _signed(command, plot.function, plot.help, parameters)
 
 
-@plot_app.command("paths")
-@user_errors
-def plot_paths(
-    stores: StoresArg,
-    out: FigureOpt,
-    layer: Annotated[
-        str | None, typer.Option(help="Layer of the nearest-neighbour rank panels [default: the second call site].")
-    ] = None,
-    device: Annotated[str, typer.Option(help="Where pairwise products run: auto | cpu | cuda | cuda:N.")] = "auto",
-) -> None:
-    """Cross and self similarity per epoch and layer, and nearest-neighbour ranks of three base samples."""
-    _plot("plot_paths", stores, out, layer=layer, device=device)
+def build(registry: Mapping[str, Analysis] = REGISTRY) -> tuple[typer.Typer, typer.Typer]:
+    """The `analyze` and `plot` apps: one command per registry entry, in the registry's order."""
+    analyze = typer.Typer(help=ANALYZE_HELP, no_args_is_help=True)
+    plot = typer.Typer(help=PLOT_HELP, no_args_is_help=True)
+    for name, entry in registry.items():
+        analyze.command(name)(analyze_command(entry))
+        if entry.plot is not None:
+            plot.command(name)(plot_command(entry.plot))
+    return analyze, plot
 
 
-@plot_app.command("mi")
-@user_errors
-def plot_mi(
-    stores: StoresArg,
-    out: FigureOpt,
-    reference: Annotated[MiReference, typer.Option(help="The reference classifier L.")] = MiReference.linear,
-) -> None:
-    """I(F_t;Y) and mu(F_t;L) over steps with I(L;Y) as a horizontal line (the paper's Figure 4)."""
-    _plot("plot_mi", stores, out, reference=reference.value)
-
-
-@plot_app.command("trajectory")
-@user_errors
-def plot_trajectory(stores: StoresArg, out: FigureOpt) -> None:
-    """Cumulative trajectory length and distance from init over steps, one curve per store (BTH paper)."""
-    _plot("plot_trajectory", stores, out)
-
-
-@plot_app.command("lipschitz")
-@user_errors
-def plot_lipschitz(stores: StoresArg, out: FigureOpt) -> None:
-    """Median local Lipschitz constant near and far from the data per snapshot, one curve per store (BTH paper)."""
-    _plot("plot_lipschitz", stores, out)
+analyze_app, plot_app = build()

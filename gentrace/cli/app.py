@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
+from gentrace.analyses.registry import REGISTRY
 from gentrace.cli.analyze import analyze_app, plot_app
 from gentrace.cli.errors import error_line as _err
 from gentrace.cli.errors import torchrun_worker, user_errors
@@ -140,24 +141,9 @@ def _after_record(path: Path, quiet: bool) -> None:
 
 
 def suggestions(reader: StoreReader) -> list[str]:
-    """The `analyze` and `plot` commands that this store can answer."""
-    path = reader.path
-    out = []
-    if reader.has("grad"):
-        out += [f"gentrace analyze gsnr {path}", f"gentrace analyze gsnr {path} --by layer --format table"]
-        out += [f"gentrace plot gsnr {path} -o gsnr.png"]
-        cfg = reader.config
-        if cfg["train"]["replicates"] >= 2 and cfg["record"]["eval_every_steps"] == 1:
-            out += [f"gentrace analyze osgr {path} --summary", f"gentrace plot osgr {path} -o osgr.png"]
-    if reader.has("acts"):
-        out.append(f"gentrace analyze paths {path} --kind self")
-    if reader.has("params_fine"):
-        out.append(f"gentrace analyze trajectory {path}")
-    if reader.has("params"):
-        out.append(f"gentrace analyze lipschitz {path} --where train")
-    if reader.has("preds") and reader.attrs.get("num_classes", 0):
-        out.append(f"gentrace analyze mi {path} --summary")
-    out.append(f"python -c \"import zarr; print(zarr.open_group('{path}', mode='r').tree())\"")
+    """The `analyze` and `plot` commands that this store can answer (each registry entry's), then a look inside."""
+    out = [line for entry in REGISTRY.values() for line in entry.suggestions(reader)]
+    out.append(f"python -c \"import zarr; print(zarr.open_group('{reader.path}', mode='r').tree())\"")
     return out
 
 
