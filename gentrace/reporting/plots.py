@@ -15,6 +15,7 @@ import numpy as np
 
 from gentrace.analyses import gsnr, lipschitz, mi, osgr, paths, trajectory
 from gentrace.core.errors import AnalysisInputError
+from gentrace.store import schema
 from gentrace.store.reader import StoreReader
 
 DPI = 100
@@ -169,7 +170,7 @@ def plot_paths(
     first = readers[0]
     names = paths.layers_of(first)
     chosen = paths.layers_of(first, layer)[0] if layer is not None else names[min(1, len(names) - 1)]
-    probes = int(first.lazy(f"acts/{chosen}/bits").shape[1])
+    probes = int(first.lazy(schema.ACTS.bits(chosen)).shape[1])
     if bases is None:
         bases = list(RANK_BASES) if probes > max(RANK_BASES) else list(range(min(3, probes)))
     ranks = paths.run(first, layer=chosen, kind="rank", pairs=True, bases=bases, device=device)
