@@ -172,6 +172,32 @@ def test_a_trial_entry_becomes_commands_that_run(
     assert drawn == [(2, figure, {"kind": "x"})]
 
 
+def test_a_trial_entry_without_a_plot_function_draws_its_columns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference_store: Path
+) -> None:
+    """Module + entry alone give a figure: `Plot.of_columns` draws the analysis' own table (no plots.py edit)."""
+    trial = _trial(tmp_path, monkeypatch, plot=registry.Plot.of_columns("Draw the scaled steps.", ("step_x2",)))
+    (tmp_path / "trial_analysis.py").write_text(
+        "import pandas as pd\nfrom gentrace.store import schema\n\n\n"
+        "def run(reader, times=1, kind='a', negate=False):\n"
+        "    steps = reader.array(schema.METRICS.step).astype('int64')\n"
+        "    return pd.DataFrame({'step': steps, 'step_x2': 2 * steps})\n"
+    )
+    _, plot = build({**REGISTRY, "trial": trial})
+    figure = tmp_path / "columns.png"
+    done = CliRunner().invoke(plot, ["trial", str(reference_store), "-o", str(figure)])
+    assert done.exit_code == 0, done.output
+    from PIL import Image
+
+    with Image.open(figure) as image:
+        assert image.size == (int(5.0 * plots.DPI), int(4.0 * plots.DPI))  # one panel
+    no_column = replace(trial, plot=registry.Plot.of_columns("Draw a column that is not there.", ("nope",)))
+    _, plot = build({**REGISTRY, "trial": no_column})
+    done = CliRunner().invoke(plot, ["trial", str(reference_store), "-o", str(figure)])
+    assert done.exit_code == 2
+    assert "has no column 'nope'" in done.output
+
+
 def test_an_option_parse_error_is_a_usage_error_naming_the_option(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference_store: Path
 ) -> None:

@@ -60,11 +60,22 @@ class Option:
 
 @dataclass(frozen=True)
 class Plot:
-    """`gentrace plot NAME`: `plots.<function>(readers, out, **options)` of gentrace.reporting.plots."""
+    """`gentrace plot NAME`: `plots.<function>(readers, out, **options)` of gentrace.reporting.plots.
+
+    Without a function of its own (`Plot.of_columns`), the figure is `plots.plot_columns`: one panel
+    per column of `columns` over the recorded steps (the mean over the table's other rows at each
+    step), one line per store, the options passed to the analysis' `run`.
+    """
 
     function: str
     help: str
     options: tuple[Option, ...] = ()
+    columns: tuple[str, ...] = ()
+
+    @classmethod
+    def of_columns(cls, help: str, columns: tuple[str, ...], options: tuple[Option, ...] = ()) -> Plot:
+        """A plot drawn from the analysis' own table: `columns` over the steps."""
+        return cls("", help, options, columns)
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,8 @@ class Analysis:
         plan: the module has `plan(reader, **options)`, its chunk tasks, so `--dask` is offered.
         plan_parts: `plan` also takes `parts=`, the cluster's worker count.
         plot: `gentrace plot NAME`; None: no plot command.
+        hint_order: where its suggestions come among the entries' (lower first; the registry's own order
+            is the `--help` order).
     """
 
     name: str
@@ -96,6 +109,7 @@ class Analysis:
     plan: bool = False
     plan_parts: bool = False
     plot: Plot | None = None
+    hint_order: int = 100
 
     @property
     def run(self) -> Callable[..., Any]:
@@ -162,7 +176,7 @@ def _classifies(reader: StoreReader) -> bool:
 
 _PATHS_DEVICE = "Where pairwise products run: auto | cpu | cuda | cuda:N."
 
-# In the order `gentrace record` suggests them (and `analyze --help` lists them).
+# In the order `analyze --help` and `plot --help` list them; `hint_order` orders the post-record hints.
 REGISTRY: dict[str, Analysis] = {
     entry.name: entry
     for entry in (
@@ -191,6 +205,7 @@ REGISTRY: dict[str, Analysis] = {
                 "plot_gsnr",
                 "Mean GSNR and same-sign fraction over steps, one line per store (e.g. real vs random labels).",
             ),
+            hint_order=0,
         ),
         Analysis(
             "osgr",
@@ -203,6 +218,7 @@ REGISTRY: dict[str, Analysis] = {
             plot=Plot(
                 "plot_osgr", "OSGR left vs right side of eq. 17 per recorded step, with the Pearson r in the title."
             ),
+            hint_order=1,
         ),
         Analysis(
             "paths",
@@ -238,6 +254,33 @@ REGISTRY: dict[str, Analysis] = {
                     Option("device", _PATHS_DEVICE, "auto", parse=device),
                 ),
             ),
+            hint_order=2,
+        ),
+        Analysis(
+            "mi",
+            "gentrace.analyses.mi",
+            "I(F_t;Y), I(F_t;Y_S), mu(F_t;L) and the conditional informations per recorded step, in bits.",
+            (
+                Option(
+                    "reference",
+                    "L: logistic regression, linear fit of f_T0, null model, or a K-layer CNN fit to f_final.",
+                    "linear",
+                    choices=MI_REFERENCES,
+                ),
+                Option("split", "The split standing for the population.", "test", choices=MI_SPLITS),
+                Option("summary", "T0 and mu(F_T0;L)/I(F_T0;Y) for the reference and the null model.", False, bool),
+            ),
+            streams=(schema.PREDS,),
+            suggest=("gentrace analyze mi {path} --summary",),
+            suggest_if=_classifies,
+            plan=True,
+            plan_parts=True,
+            plot=Plot(
+                "plot_mi",
+                "I(F_t;Y) and mu(F_t;L) over steps with I(L;Y) as a horizontal line (the paper's Figure 4).",
+                (Option("reference", "The reference classifier L.", "linear", choices=MI_REFERENCES),),
+            ),
+            hint_order=5,
         ),
         Analysis(
             "trajectory",
@@ -270,6 +313,7 @@ REGISTRY: dict[str, Analysis] = {
                 "plot_trajectory",
                 "Cumulative trajectory length and distance from init over steps, one curve per store (BTH paper).",
             ),
+            hint_order=3,
         ),
         Analysis(
             "lipschitz",
@@ -295,31 +339,7 @@ REGISTRY: dict[str, Analysis] = {
                 "Median local Lipschitz constant near and far from the data per snapshot, "
                 "one curve per store (BTH paper).",
             ),
-        ),
-        Analysis(
-            "mi",
-            "gentrace.analyses.mi",
-            "I(F_t;Y), I(F_t;Y_S), mu(F_t;L) and the conditional informations per recorded step, in bits.",
-            (
-                Option(
-                    "reference",
-                    "L: logistic regression, linear fit of f_T0, null model, or a K-layer CNN fit to f_final.",
-                    "linear",
-                    choices=MI_REFERENCES,
-                ),
-                Option("split", "The split standing for the population.", "test", choices=MI_SPLITS),
-                Option("summary", "T0 and mu(F_T0;L)/I(F_T0;Y) for the reference and the null model.", False, bool),
-            ),
-            streams=(schema.PREDS,),
-            suggest=("gentrace analyze mi {path} --summary",),
-            suggest_if=_classifies,
-            plan=True,
-            plan_parts=True,
-            plot=Plot(
-                "plot_mi",
-                "I(F_t;Y) and mu(F_t;L) over steps with I(L;Y) as a horizontal line (the paper's Figure 4).",
-                (Option("reference", "The reference classifier L.", "linear", choices=MI_REFERENCES),),
-            ),
+            hint_order=4,
         ),
     )
 }

@@ -194,8 +194,11 @@ def analyze_command(entry: Analysis) -> Callable[..., None]:
     return _signed(command, f"analyze_{entry.name}", entry.help, parameters)
 
 
-def plot_command(plot: Plot) -> Callable[..., None]:
-    """`gentrace plot NAME`: open the stores, draw with `plots.<function>` into `-o` (matplotlib imported only now)."""
+def plot_command(entry: Analysis, plot: Plot) -> Callable[..., None]:
+    """`gentrace plot NAME`: open the stores, draw with `plots.<function>` into `-o` (matplotlib imported only now).
+
+    A plot without a function of its own draws the entry's table (`plots.plot_columns` of `plot.columns`).
+    """
 
     def command(stores: list[Path], out: Path, **given: Any) -> None:
         from gentrace.reporting import plots
@@ -203,14 +206,18 @@ def plot_command(plot: Plot) -> Callable[..., None]:
         _figure_file(out)
         values = _values(plot.options, given)
         readers = [StoreReader(store) for store in stores]
-        typer.echo(str(getattr(plots, plot.function)(readers, out, **values)), err=True)
+        if plot.function:
+            drawn = getattr(plots, plot.function)(readers, out, **values)
+        else:
+            drawn = plots.plot_columns(readers, out, lambda r: entry.run(r, **values), plot.columns, entry.name)
+        typer.echo(str(drawn), err=True)
 
     parameters = [
         inspect.Parameter("stores", _KEYWORD, annotation=StoresArg),
         inspect.Parameter("out", _KEYWORD, annotation=FigureOpt),
         *(_parameter(option) for option in plot.options),
     ]
-    return _signed(command, plot.function, plot.help, parameters)
+    return _signed(command, plot.function or f"plot_{entry.name}", plot.help, parameters)
 
 
 def build(registry: Mapping[str, Analysis] = REGISTRY) -> tuple[typer.Typer, typer.Typer]:
@@ -220,7 +227,7 @@ def build(registry: Mapping[str, Analysis] = REGISTRY) -> tuple[typer.Typer, typ
     for name, entry in registry.items():
         analyze.command(name)(analyze_command(entry))
         if entry.plot is not None:
-            plot.command(name)(plot_command(entry.plot))
+            plot.command(name)(plot_command(entry, entry.plot))
     return analyze, plot
 
 

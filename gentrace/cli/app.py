@@ -142,7 +142,8 @@ def _after_record(path: Path, quiet: bool) -> None:
 
 def suggestions(reader: StoreReader) -> list[str]:
     """The `analyze` and `plot` commands that this store can answer (each registry entry's), then a look inside."""
-    out = [line for entry in REGISTRY.values() for line in entry.suggestions(reader)]
+    entries = sorted(REGISTRY.values(), key=lambda entry: entry.hint_order)  # stable: ties keep the registry's order
+    out = [line for entry in entries for line in entry.suggestions(reader)]
     out.append(f"python -c \"import zarr; print(zarr.open_group('{reader.path}', mode='r').tree())\"")
     return out
 

@@ -7,9 +7,9 @@ pixel size is known: GSNR_SIZE, OSGR_SIZE, PATHS_SIZE and MI_SIZE times DPI.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from gentrace.analyses import gsnr, lipschitz, mi, osgr, paths, trajectory
 from gentrace.core.errors import AnalysisInputError
 from gentrace.store import schema
 from gentrace.store.reader import StoreReader
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DPI = 100
 GSNR_SIZE = (10.0, 4.0)  # inches: two panels side by side
@@ -197,25 +200,40 @@ def _rank_panel(axes: Any, ranks: Any, base: int, layer: str) -> None:
     axes.legend(fontsize=6, ncol=2, title="probe", title_fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
+def _curves(
+    readers: Sequence[StoreReader],
+    out: Path,
+    series: Callable[[StoreReader], Sequence[pd.Series]],
+    panels: Sequence[tuple[str, str]],
+    marker: str | None = None,
+) -> Path:
+    """One panel per (ylabel, title) of `panels` over steps, one line per store: `series(reader)[k]` in panel k."""
+    figure = _figure(CURVES_SIZE if len(panels) == 2 else (5.0 * len(panels), 4.0))
+    axes = np.atleast_1d(figure.subplots(1, len(panels)))
+    for reader in readers:
+        for ax, values in zip(axes, series(reader), strict=True):
+            ax.plot(values.index.to_numpy(), values.to_numpy(), marker=marker, label=store_label(reader))
+    for ax, (ylabel, title) in zip(axes, panels, strict=True):
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+    axes[0].legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(out)
+    return out
+
+
 def plot_trajectory(readers: Sequence[StoreReader], out: Path, param: str | None = None) -> Path:
     """Cumulative trajectory length (left) and distance from initialization (right) over steps (BTH paper).
 
     One line per store (mean over its replicates), so a sweep over `data.freq` or
     `data.label_noise` shows one curve per swept value.
     """
-    figure = _figure(CURVES_SIZE)
-    left, right = figure.subplots(1, 2)
-    for reader in readers:
+
+    def series(reader: StoreReader) -> list[pd.Series]:
         per_step = trajectory.run(reader, param, by="step").groupby("step")[["length", "distance_from_init"]].mean()
-        steps = per_step.index.to_numpy()
-        left.plot(steps, per_step["length"], label=store_label(reader))
-        right.plot(steps, per_step["distance_from_init"], label=store_label(reader))
-    left.set(xlabel="step", ylabel="trajectory length", title="cumulative length of the tracked tensor")
-    right.set(xlabel="step", ylabel="||b_t - b_0||", title="distance from initialization")
-    left.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(out)
-    return out
+        return [per_step["length"], per_step["distance_from_init"]]
+
+    panels = [("trajectory length", "cumulative length of the tracked tensor")]
+    return _curves(readers, out, series, [*panels, ("||b_t - b_0||", "distance from initialization")])
 
 
 def plot_lipschitz(readers: Sequence[StoreReader], out: Path, device: str | None = None) -> Path:
@@ -224,17 +242,41 @@ def plot_lipschitz(readers: Sequence[StoreReader], out: Path, device: str | None
     One line per store (mean over its replicates), BTH paper section 3; far = the Gaussian and
     midpoint sets of `analyze lipschitz` pooled by their medians.
     """
-    figure = _figure(CURVES_SIZE)
-    left, right = figure.subplots(1, 2)
-    for reader in readers:
+
+    def series(reader: StoreReader) -> list[pd.Series]:
         frame = lipschitz.run(reader, where=("train", "far"), quantiles=(0.5,), device=device)
         near = frame[frame["where"] == "train"].groupby("step")["q50"].mean()
-        far = frame[frame["where"].str.startswith("far")].groupby("step")["q50"].mean()
-        left.plot(near.index.to_numpy(), near.to_numpy(), marker=".", label=store_label(reader))
-        right.plot(far.index.to_numpy(), far.to_numpy(), marker=".", label=store_label(reader))
-    left.set(xlabel="step", ylabel="median ||df/dx||", title="local Lipschitz constant at training points")
-    right.set(xlabel="step", ylabel="median ||df/dx||", title="far from the data")
-    left.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(out)
-    return out
+        return [near, frame[frame["where"].str.startswith("far")].groupby("step")["q50"].mean()]
+
+    panels = [
+        ("median ||df/dx||", "local Lipschitz constant at training points"),
+        ("median ||df/dx||", "far from the data"),
+    ]
+    return _curves(readers, out, series, panels, marker=".")
+
+
+def plot_columns(
+    readers: Sequence[StoreReader],
+    out: Path,
+    table: Callable[[StoreReader], pd.DataFrame],
+    columns: Sequence[str],
+    name: str,
+) -> Path:
+    """The figure of an analysis without a plot of its own: each of `columns` of its table over `step`.
+
+    One panel per column, one line per store: the mean of the column over the table's other rows
+    (replicates, layers, ...) at each step.
+
+    Raises:
+        AnalysisInputError: the table has no `step` column or lacks one of `columns`.
+    """
+
+    def series(reader: StoreReader) -> list[pd.Series]:
+        frame = table(reader)
+        missing = [c for c in ("step", *columns) if c not in frame.columns]
+        if missing:
+            raise AnalysisInputError(f"plot {name}: the table of {reader.path} has no column {missing[0]!r}")
+        per_step = frame.groupby("step")[list(columns)].mean()
+        return [per_step[c] for c in columns]
+
+    return _curves(readers, out, series, [(column, f"{name}: {column}") for column in columns], marker=".")

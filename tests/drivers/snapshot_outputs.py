@@ -20,7 +20,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-VOLATILE = {"created", "finished", "writer", "gentrace_version", "torch_version", "python_version", "cuda_version"}
+VOLATILE = {
+    "created",
+    "finished",
+    "writer",
+    "writer_process",
+    "gentrace_version",
+    "torch_version",
+    "python_version",
+    "cuda_version",
+}
 
 RUNS = {
     "quickstart": [],
