@@ -26,6 +26,7 @@ from gentrace.core.errors import AnalysisInputError, StoreError
 from gentrace.store import schema
 from gentrace.store.integrity import CheckedArray
 from gentrace.store.reader import StoreReader
+from gentrace.task import plugins
 from gentrace.task.checkpoint import unpack
 from gentrace.task.data import Dataset, build_data
 from gentrace.task.losses import output_dim, resolve_loss
@@ -38,6 +39,7 @@ def build_network(reader: StoreReader) -> nn.Module:
     """A freshly initialized network of the run: its stored model config, input shape and output width."""
     cfg = from_dict(reader.config)
     attrs = reader.attrs
+    plugins.warn_if_changed(attrs.get("factories", {}).get("model.arch", {}), "model.arch")
     num_classes = int(attrs["num_classes"])
     loss = resolve_loss(str(attrs["loss"]), num_classes)
     return build_model(cfg.model, tuple(int(s) for s in attrs["input_shape"]), output_dim(loss, num_classes))
@@ -46,6 +48,7 @@ def build_network(reader: StoreReader) -> nn.Module:
 def build_dataset(reader: StoreReader) -> Dataset:
     """The run's data set rebuilt from its stored data config, for as many replicates as the store has."""
     cfg = from_dict(reader.config)
+    plugins.warn_if_changed(reader.attrs.get("factories", {}).get("data.name", {}), "data.name")
     replicates = int(np.asarray(reader.array(schema.DATA.train_index)).shape[0])
     return build_data(cfg.data, replicates)
 

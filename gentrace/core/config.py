@@ -59,9 +59,16 @@ FLOAT32 = "the largest float32; training runs in float32"
 
 @dataclass(frozen=True)
 class DataConfig:
-    """`[data]`: which data set, how many samples per replicate, label noise."""
+    """`[data]`: which data set, how many samples per replicate, label noise.
 
-    name: DataName = "digits"
+    `name` is a built-in set (DataName) or a factory `package.module:function` / `path/to/file.py:function`
+    called with `options` as keyword arguments (gentrace.task.data); `num_classes` > 0 declares a
+    factory's labels to be classes 0..num_classes-1 (0: from the labels' dtype).
+    """
+
+    name: str = "digits"
+    options: dict[str, Any] = field(default_factory=dict)
+    num_classes: int = field(default=0, metadata=_check(0))
     task: Task = "multiclass"
     root: str = "~/data"
     download: bool = False
@@ -75,9 +82,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """`[model]`: architecture and initialization."""
+    """`[model]`: architecture and initialization.
 
-    arch: Arch = "mlp"
+    `arch` is a built-in (Arch) or a factory `package.module:function` / `path/to/file.py:function`
+    called as `function(input_shape, num_outputs, **options)` (gentrace.task.models). A factory's own
+    initialization is kept unless `model.init` is given (the resolved config then says `default`).
+    """
+
+    arch: str = "mlp"
+    options: dict[str, Any] = field(default_factory=dict)
     hidden: tuple[int, ...] = (512, 512)
     channels: int = field(default=16, metadata=_check(1))
     dropout: float = field(default=0.0, metadata=_check(0.0, 1.0))
@@ -250,6 +263,46 @@ activations = { every_epochs = 1, probe = 128, layers = "relu", values = false }
 """
 
 
+# Keys that only gentrace's own architectures read: refused next to a model factory.
+BUILT_IN_MODEL_KEYS = ("hidden", "channels", "dropout")
+FACTORY_KEYS = (("model", "arch"), ("data", "name"))
+
+
+def is_factory(name: str) -> bool:
+    """Whether a `model.arch` / `data.name` value names a factory (`where:function`) rather than a built-in."""
+    return ":" in name
+
+
+def split_factory(spec: str, key: str) -> tuple[str, str]:
+    """`where:function` -> (where, function); the last colon splits, so a Windows drive letter survives."""
+    where, _, function = spec.rpartition(":")
+    if not where or not function.isidentifier():
+        raise ConfigError(
+            f"{key} = {spec!r}: expected 'package.module:function' or 'path/to/file.py:function' "
+            "(a function name after the last colon)"
+        )
+    return where, function
+
+
+def factory_is_file(where: str) -> bool:
+    """A factory given by its source file (ends in .py or holds a path separator) rather than a module name."""
+    return where.endswith(".py") or "/" in where or "\\" in where
+
+
+def _absolute_factories(raw: dict[str, Any], base: Path) -> None:
+    """Make a factory's relative file path absolute against `base` (the config file's folder), in place."""
+    for section, name in FACTORY_KEYS:
+        table = raw.get(section)
+        if not isinstance(table, dict):
+            continue
+        spec = table.get(name)
+        if not isinstance(spec, str) or not is_factory(spec):
+            continue
+        where, function = split_factory(spec, f"{section}.{name}")
+        if factory_is_file(where) and not Path(where).expanduser().is_absolute():
+            table[name] = f"{(base / where).resolve()}:{function}"
+
+
 def load(path: Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a TOML config (or the built-in quick start when `path` is None) and apply `--set` overrides."""
     if path is None:
@@ -270,6 +323,7 @@ def load(path: Path | None, overrides: Sequence[str] = ()) -> RunConfig:
         raw.setdefault("name", Path(path).stem)
     for item in overrides:
         apply_override(raw, item)
+    _absolute_factories(raw, Path(path).resolve().parent if path is not None else Path.cwd())
     return from_dict(raw)
 
 
@@ -302,14 +356,56 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 def from_dict(raw: Mapping[str, Any]) -> RunConfig:
     """Validate a raw (TOML-shaped) dict against the dataclass tree; errors name the key path."""
     cfg = _build(RunConfig, raw, "")
+    _validate_names(cfg)
+    model_raw = raw.get("model", {})
+    if is_factory(cfg.model.arch):
+        given = [k for k in BUILT_IN_MODEL_KEYS if k in model_raw]
+        if given:
+            raise ConfigError(
+                f"model.{given[0]} applies to gentrace's own architectures only; model.arch = {cfg.model.arch!r} "
+                "is a factory: pass its settings in model.options instead"
+            )
+        if "init" not in model_raw:  # a factory's own initialization is kept unless model.init says otherwise
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="default"))
+    elif cfg.model.options:
+        raise ConfigError(f"model.options applies to a model factory; model.arch = {cfg.model.arch!r} is built in")
+    if not is_factory(cfg.data.name):
+        if cfg.data.options:
+            raise ConfigError(f"data.options applies to a data factory; data.name = {cfg.data.name!r} is built in")
+        if cfg.data.num_classes:
+            raise ConfigError(
+                f"data.num_classes applies to a data factory; data.name = {cfg.data.name!r} knows its classes"
+            )
     _validate_cross_fields(cfg)
     return cfg
 
 
+def _validate_names(cfg: RunConfig) -> None:
+    """`data.name` and `model.arch`: a built-in name, or a factory `where:function`."""
+    for key, value, choices in (
+        ("data.name", cfg.data.name, get_args(DataName)),
+        ("model.arch", cfg.model.arch, get_args(Arch)),
+    ):
+        if is_factory(value):
+            split_factory(value, key)
+        elif value not in choices:
+            raise ConfigError(
+                f"{key} = {value!r} is not allowed; choose one of: {' | '.join(choices)} "
+                "(or a factory: 'package.module:function' or 'path/to/file.py:function')"
+            )
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The resolved config as plain JSON/TOML-ready data (tuples become lists)."""
+    """The resolved config as plain JSON/TOML-ready data (tuples become lists).
+
+    Keys that do not apply are left out: a factory model has no `hidden`, `channels`, `dropout`; a built-in
+    one no `options`; a built-in data set no `options` or `num_classes` (so a built-in run's config reads
+    as it did before factories existed).
+    """
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
+        if f.name in _not_applying(cfg):
+            continue
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             out[f.name] = to_dict(value)
@@ -318,6 +414,14 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         else:
             out[f.name] = value
     return out
+
+
+def _not_applying(cfg: Any) -> tuple[str, ...]:
+    if isinstance(cfg, ModelConfig):
+        return BUILT_IN_MODEL_KEYS if is_factory(cfg.arch) else ("options",)
+    if isinstance(cfg, DataConfig) and not is_factory(cfg.name):
+        return ("options", "num_classes")
+    return ()
 
 
 def to_toml(cfg: RunConfig) -> str:
@@ -397,6 +501,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a list, got {_describe(value)}")
         (item_tp, _ellipsis) = get_args(tp)
         return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a table, e.g. {key} = {{ width = 64 }}, got {_describe(value)}")
+        return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {_describe(value)}")
@@ -467,7 +575,7 @@ def _validate_cross_fields(cfg: RunConfig) -> None:
             )
         if data.label_noise > 0:
             raise ConfigError(f"data.label_noise applies to class labels only; {data.name} is a regression set")
-    elif train.loss == "mse":
+    elif train.loss == "mse" and not is_factory(data.name):  # a factory's targets are seen when it is called
         raise ConfigError(
             f"train.loss = 'mse' needs a regression set; {data.name} has classes: use cross_entropy, bce or auto"
         )
@@ -475,9 +583,15 @@ def _validate_cross_fields(cfg: RunConfig) -> None:
         train.loss == "bce"
         and data.task == "multiclass"
         and data.name not in ("sinusoid", "ball-sinusoid", "sparse-noise")
+        and not is_factory(data.name)
     ):
         raise ConfigError("train.loss = 'bce' needs two classes: set data.task to a binary relabeling")
-    if cfg.model.arch != "mlp" and data.name not in ("digits", "mnist", "fashion-mnist", "cifar10"):
+    images = ("digits", "mnist", "fashion-mnist", "cifar10")
+    if (
+        cfg.model.arch in ("cnn", "resnet18", "vgg11", "alexnet")
+        and data.name not in images
+        and not is_factory(data.name)
+    ):
         raise ConfigError(f"model.arch = {cfg.model.arch!r} needs image data; {data.name} is a vector set: use mlp")
     if not cfg.model.hidden and cfg.model.arch == "mlp":
         raise ConfigError("model.hidden is empty; give at least one width, for example [128]")

@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gentrace.core.config import RunConfig, is_regression
+from gentrace.core.config import RunConfig, is_factory, is_regression
 from gentrace.core.errors import ConfigError
 from gentrace.core.schedules import timeline
 from gentrace.store import schema
@@ -349,6 +349,8 @@ def check_many(cfgs: Sequence[RunConfig], out: Path, *, gpu: bool = False, what:
     Raises:
         ConfigError: naming the key to lower (or `what`, the sweep's grid, when only the sum is too large).
     """
+    # a factory's model or data is known only once it is built: `gentrace check` measures those runs instead
+    cfgs = [cfg for cfg in cfgs if not (is_factory(cfg.model.arch) or is_factory(cfg.data.name))]
     ram = physical_memory()
     for cfg in cfgs:
         parts = memory_parts(cfg, gpu=gpu)

@@ -48,12 +48,14 @@ import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from gentrace.core.config import DataConfig, is_regression
+from gentrace.core.config import DataConfig, is_factory, is_regression
 from gentrace.core.errors import ConfigError, DataError
+from gentrace.task import plugins
 
 BALL_SINUSOID_AMPLITUDE = 0.25
 BALL_SINUSOID_OMEGA = 2 * np.pi
@@ -103,7 +105,9 @@ def build_data(cfg: DataConfig, replicates: int) -> Dataset:
         raise ConfigError(f"data.label_noise applies to class labels only; {cfg.name} is a regression set")
     if cfg.name in _SYNTHETIC and cfg.task != "multiclass":
         raise ConfigError(f"data.task = {cfg.task!r} does not apply to the synthetic set {cfg.name}; use multiclass")
-    if cfg.name in _SYNTHETIC:
+    if is_factory(cfg.name):
+        ds = _from_factory(cfg, replicates)
+    elif cfg.name in _SYNTHETIC:
         ds = _synthetic(cfg, replicates)
     elif cfg.name == "digits":
         ds = _digits(cfg, replicates)
@@ -111,6 +115,8 @@ def build_data(cfg: DataConfig, replicates: int) -> Dataset:
         ds = _torchvision(cfg, replicates)
     if cfg.label_noise == 0:
         return ds
+    if ds.num_classes == 0:
+        raise ConfigError(f"data.label_noise applies to class labels only; {cfg.name} returned float targets")
     y_noisy, mask = _label_noise(ds.y_train.numpy(), cfg.label_noise, ds.num_classes, _rng(cfg, _NOISE))
     return Dataset(
         ds.x_train,
@@ -123,6 +129,129 @@ def build_data(cfg: DataConfig, replicates: int) -> Dataset:
         ds.num_classes,
         ds.input_shape,
     )
+
+
+def _from_factory(cfg: DataConfig, m: int) -> Dataset:
+    """A user's data set: `function(**data.options) -> (train, test)`, then subsets as for torchvision's sets.
+
+    Each split is a pair `(x, y)` of tensors or arrays, or a map-style torch Dataset of `(x, y)` items
+    (stacked here). Inputs become float32 (uint8 ones scaled to [0, 1], as images are). Labels: an integer
+    (or bool) dtype means classes 0..K-1 with K = `data.num_classes` or the largest label + 1; a float dtype
+    means regression targets, unless `data.num_classes` is given (then the floats must be whole numbers).
+    The training subsets are drawn from the train split, the test set from the test split, with the same
+    seeded permutations as the built-in image sets; `train_index` / `test_index` index the user's splits.
+    """
+    returned = plugins.call(cfg.name, "data.name", **cfg.options)
+    key = f"data.name = {cfg.name!r}"
+    if not isinstance(returned, tuple | list) or len(returned) != 2:
+        raise ConfigError(
+            f"{key}: the factory must return (train, test), got {type(returned).__name__}"
+            + (f" of length {len(returned)}" if isinstance(returned, tuple | list) else "")
+        )
+    x_tr, y_tr = _factory_split(returned[0], "train", key)
+    x_te, y_te = _factory_split(returned[1], "test", key)
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise ConfigError(
+            f"{key}: train inputs have shape {tuple(x_tr.shape[1:])} per sample but test inputs "
+            f"{tuple(x_te.shape[1:])}; both splits need the same input shape"
+        )
+    classes = cfg.num_classes > 0 or not (y_tr.is_floating_point() or y_te.is_floating_point())
+    c_tr, c_te = (
+        (_factory_classes(y_tr, key, "train"), _factory_classes(y_te, key, "test")) if classes else (None, None)
+    )
+    if c_tr is not None and c_te is not None:
+        top = int(max(c_tr.max(initial=0), c_te.max(initial=0)))
+        k = cfg.num_classes or top + 1
+        if top >= k:
+            raise ConfigError(f"{key}: a label is >= data.num_classes = {k}; labels must lie in 0..{k - 1}")
+    if m * cfg.n_train > len(x_tr):
+        raise ConfigError(
+            f"data.n_train = {cfg.n_train} with {m} replicate(s) needs {m * cfg.n_train} training samples, but "
+            f"the factory's train split has {len(x_tr)}; lower data.n_train or train.replicates"
+        )
+    if cfg.n_test > len(x_te):
+        raise ConfigError(
+            f"data.n_test = {cfg.n_test} is more than the {len(x_te)} samples of the factory's test split; "
+            "lower data.n_test"
+        )
+    train_index = _rng(cfg, _SUBSET).permutation(len(x_tr))[: m * cfg.n_train].reshape(m, cfg.n_train)
+    test_index = np.sort(_rng(cfg, _TEST).permutation(len(x_te))[: cfg.n_test])
+    train_index = np.sort(train_index, axis=1)
+    if c_tr is None or c_te is None:
+        target = torch.float32
+        return Dataset(
+            x_train=x_tr[torch.from_numpy(train_index)],
+            y_train=y_tr.to(target)[torch.from_numpy(train_index)],
+            x_test=x_te[torch.from_numpy(test_index)],
+            y_test=y_te.to(target)[torch.from_numpy(test_index)],
+            train_index=train_index.astype(np.int64),
+            test_index=test_index.astype(np.int64),
+            noise_mask=np.zeros(train_index.shape, dtype=bool),
+            num_classes=0,
+            input_shape=tuple(x_tr.shape[1:]),
+        )
+    identity = np.arange(k, dtype=np.int64)
+    return _gather(x_tr, torch.from_numpy(c_tr), x_te, torch.from_numpy(c_te), train_index, test_index, identity)
+
+
+_INTEGER = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _factory_split(split: object, name: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split of a data factory -> (x [N, ...] float32 or uint8, y [N]): a pair of arrays or a map-style Dataset."""
+    if isinstance(split, tuple | list) and len(split) == 2:
+        xs, ys = split
+    elif hasattr(split, "__getitem__") and hasattr(split, "__len__"):
+        xs, ys = _stack_items(split, name, key)
+    else:
+        raise ConfigError(
+            f"{key}: the {name} split must be (x, y) arrays or a map-style torch Dataset of (x, y) items, "
+            f"got {type(split).__name__}"
+        )
+    try:
+        x = xs if torch.is_tensor(xs) else torch.as_tensor(np.asarray(xs))
+        y = ys if torch.is_tensor(ys) else torch.as_tensor(np.asarray(ys))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"{key}: the {name} split's x or y is not an array ({exc})") from None
+    if x.ndim < 2 or len(x) == 0:
+        raise ConfigError(f"{key}: the {name} split's x has shape {tuple(x.shape)}; expected [N, *input_shape], N > 0")
+    y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+    if y.ndim != 1 or len(y) != len(x):
+        raise ConfigError(
+            f"{key}: the {name} split has {len(x)} inputs but labels of shape {tuple(y.shape)}; "
+            "give one label per input"
+        )
+    if not (y.is_floating_point() or y.dtype in _INTEGER):
+        raise ConfigError(f"{key}: the {name} split's labels are {y.dtype}; give integer classes or float targets")
+    if not (x.is_floating_point() or x.dtype in _INTEGER):
+        raise ConfigError(f"{key}: the {name} split's inputs are {x.dtype}; give real numbers")
+    return (x if x.dtype == torch.uint8 else x.to(torch.float32)), y
+
+
+def _stack_items(dataset: Any, name: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (x, y) item of a map-style data set, stacked: x [N, ...], y [N]."""
+    try:
+        items = [dataset[i] for i in range(len(dataset))]
+        xs = torch.stack([torch.as_tensor(np.asarray(item[0])) for item in items])
+        ys = torch.as_tensor(np.asarray([np.asarray(item[1]) for item in items]))
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as exc:
+        raise ConfigError(
+            f"{key}: the {name} split is a data set whose items are not (input, label) pairs of tensors or "
+            f"arrays of one shape ({str(exc).splitlines()[0][:120]}); give it a transform that returns tensors"
+        ) from None
+    return xs, ys
+
+
+def _factory_classes(y: torch.Tensor, key: str, name: str) -> np.ndarray:
+    """Labels as int64 classes; whole numbers >= 0 only."""
+    values = y.to(torch.float64).numpy() if y.is_floating_point() else y.to(torch.int64).numpy()
+    if y.is_floating_point() and not np.all(np.isfinite(values) & (values == np.round(values))):
+        raise ConfigError(
+            f"{key}: data.num_classes is set but the {name} labels are not whole numbers; give integer classes"
+        )
+    if values.size and values.min() < 0:
+        raise ConfigError(f"{key}: the {name} split has a negative label ({values.min():g}); classes are 0..K-1")
+    return values.astype(np.int64)
 
 
 def sinusoid_directions(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -35,8 +35,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from gentrace.core.config import ModelConfig
+from gentrace.core.config import ModelConfig, is_factory
 from gentrace.core.errors import ConfigError
+from gentrace.task import plugins
 
 FIRST_LAYER_ALIASES = ("first_layer.weight", "first_layer.bias")
 
@@ -71,17 +72,30 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], out_dim: int) ->
     Returns:
         The model in train mode, on the CPU. Same `cfg` -> identical parameters; the global RNG is untouched.
     """
-    if cfg.arch != "mlp" and len(input_shape) != 3:
+    factory = is_factory(cfg.arch)
+    if not factory and cfg.arch != "mlp" and len(input_shape) != 3:
         raise ConfigError(f"model.arch = {cfg.arch!r} needs image inputs (C, H, W), got shape {input_shape}; use mlp")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = _BUILDERS[cfg.arch](cfg, input_shape, out_dim)
+        model = _from_factory(cfg, input_shape, out_dim) if factory else _BUILDERS[cfg.arch](cfg, input_shape, out_dim)
         if cfg.init == "xavier_uniform":
             _xavier_uniform(model)
     for module in model.modules():
-        if isinstance(module, nn.ReLU):
-            module.inplace = False
-    return model
+        if isinstance(module, nn.ReLU | nn.LeakyReLU | nn.ELU | nn.SiLU):
+            module.inplace = False  # the activation hooks must see the tensor as the module made it
+    return model.train()
+
+
+def _from_factory(cfg: ModelConfig, input_shape: tuple[int, ...], out_dim: int) -> nn.Module:
+    """`function(input_shape, num_outputs, **model.options)` of the factory `model.arch` (gentrace.task.plugins)."""
+    model = plugins.call(cfg.arch, "model.arch", tuple(input_shape), out_dim, **cfg.options)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model.arch = {cfg.arch!r}: the factory returned a {type(model).__name__}, not a torch.nn.Module"
+        )
+    if not any(True for _ in model.parameters()):
+        raise ConfigError(f"model.arch = {cfg.arch!r}: the factory's {type(model).__name__} has no parameters")
+    return model.cpu()
 
 
 def first_layer_bias_name(model: nn.Module) -> str:
@@ -150,10 +164,16 @@ def apply_freeze(model: nn.Module, prefixes: Sequence[str]) -> list[str]:
 
 
 def _first_layer(model: nn.Module) -> tuple[str, nn.Module]:
-    """The first module (in registration order) that owns parameters itself."""
-    for name, module in model.named_modules():
-        if any(True for _ in module.parameters(recurse=False)):
+    """The first submodule (in registration order) that owns parameters itself; the model itself if none does.
+
+    A model's own parameters (a class token, a positional embedding) do not make it its first layer.
+    """
+    owners = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    for name, module in owners:
+        if name:
             return name, module
+    if owners:
+        return owners[0]
     raise ConfigError(f"this {type(model).__name__} has no parameters")
 
 

@@ -40,7 +40,7 @@ from gentrace.record.recorder import Recorder
 from gentrace.store import schema
 from gentrace.store.reader import StoreReader
 from gentrace.store.writer import StoreWriter, create_store, open_for_resume
-from gentrace.task import checkpoint
+from gentrace.task import checkpoint, plugins
 from gentrace.task.data import Dataset, build_data
 from gentrace.task.losses import output_dim, resolve_loss
 from gentrace.task.models import apply_freeze, build_model
@@ -116,7 +116,8 @@ def prepare(cfg: RunConfig, device: torch.device, dist: Dist | None = None) -> t
 
 
 def _attrs(cfg: RunConfig, trainer: Trainer, data: Dataset, device: torch.device) -> dict[str, object]:
-    return {
+    factories = plugins.recorded(cfg)
+    return ({"factories": factories} if factories else {}) | {
         "gentrace_version": __version__,
         "config": to_dict(cfg),
         "torch_version": torch.__version__,
