@@ -148,6 +148,11 @@ def _from_factory(cfg: DataConfig, m: int) -> Dataset:
             f"{key}: the factory must return (train, test), got {type(returned).__name__}"
             + (f" of length {len(returned)}" if isinstance(returned, tuple | list) else "")
         )
+    if any(torch.is_tensor(part) or isinstance(part, np.ndarray) for part in returned):
+        raise ConfigError(
+            f"{key}: the factory must return (train, test), each an (x, y) pair or a Dataset; it returned a pair "
+            "of arrays (one split?)"
+        )
     x_tr, y_tr = _factory_split(returned[0], "train", key)
     x_te, y_te = _factory_split(returned[1], "test", key)
     if x_tr.shape[1:] != x_te.shape[1:]:
@@ -207,6 +212,10 @@ def _factory_split(split: object, name: str, key: str) -> tuple[torch.Tensor, to
         raise ConfigError(
             f"{key}: the {name} split must be (x, y) arrays or a map-style torch Dataset of (x, y) items, "
             f"got {type(split).__name__}"
+        )
+    if not torch.is_tensor(ys) and np.asarray(ys).dtype.kind not in "biuf":
+        raise ConfigError(
+            f"{key}: the {name} split's labels are {np.asarray(ys).dtype}; give integer classes or float targets"
         )
     try:
         x = xs if torch.is_tensor(xs) else torch.as_tensor(np.asarray(xs))
