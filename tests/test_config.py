@@ -159,6 +159,15 @@ OVERRIDES: list[tuple[str, list[str], str, Any]] = [
     ("later-override-wins", ["train.lr=0.1", "train.lr=0.3"], "train.lr", 0.3),
     ("zero-means-never", ["record.params.every_epochs=0"], "record.params.every_epochs", 0),
     ("full-batch", ["train.batch_size=0"], "train.batch_size", 0),
+    ("activations-layers-relu", ["record.activations.layers=relu"], "record.activations.layers", "relu"),
+    ("activations-layers-gates", ["record.activations.layers=gates"], "record.activations.layers", "gates"),
+    ("activations-layers-list", ['record.activations.layers=["1", "3"]'], "record.activations.layers", ("1", "3")),
+    (
+        "activations-layers-empty-when-off",
+        ["record.activations={every_epochs=0, layers=[]}"],
+        "record.activations.layers",
+        (),
+    ),
 ]
 
 
@@ -233,6 +242,9 @@ ERRORS: list[tuple[str, list[str], str]] = [
     ("bool-for-literal", ["train.loss=true"], r"train\.loss = True is not allowed"),
     ("literal-in-list", ['record.predictions.splits=["val"]'], r"record\.predictions\.splits\[0\] = 'val'"),
     ("union-neither", ["record.params.names=5"], r"record\.params\.names"),
+    ("activations-layers-unknown-word", ["record.activations.layers=gelu"], r"layers = 'gelu'.*relu \| gates"),
+    ("activations-layers-not-a-list", ["record.activations.layers=3"], r"record\.activations\.layers must be a list"),
+    ("activations-layers-item", ["record.activations.layers=[3]"], r"record\.activations\.layers\[0\] must be a str"),
     # ranges
     ("negative-lr", ["train.lr=-0.1"], r"train\.lr = -0\.1 is impossible; it must be > 0"),
     ("zero-lr", ["train.lr=0"], r"train\.lr = 0\.0 is impossible; it must be > 0"),
@@ -269,6 +281,7 @@ ERRORS: list[tuple[str, list[str], str]] = [
     ("zero-width", ["model.hidden=[128, 0]"], r"model\.hidden = \[128, 0\] is impossible"),
     ("name-with-slash", ["name=runs/a"], r"name = 'runs/a'"),
     ("blank-name", ['name=" "'], r"name = ' '"),
+    ("activations-layers-empty", ["record.activations.layers=[]"], r"record\.activations\.layers = \[\] names no"),
     # malformed --set
     ("set-without-equals", ["train.lr"], r"--set 'train\.lr': expected KEY=VALUE"),
     ("set-without-key", ["=0.1"], r"expected KEY=VALUE"),

@@ -170,17 +170,20 @@ class GradMomentsRecord:
 
 @dataclass(frozen=True)
 class ActivationsRecord:
-    """`record.activations`: ReLU on/off bitmasks of a fixed probe set, every N epochs (0 = off).
+    """`record.activations`: gate on/off bitmasks of a fixed probe set, every N epochs (0 = off).
 
     `probe`: the first P training samples of replicate 0 (a random draw from the pool; at most
     data.n_train, so a small run records all of its samples);
-    `layers`: "relu" for every nn.ReLU call site, or a list of call-site names;
-    `values`: also store the activations themselves as float16.
+    `layers`: "relu" for every nn.ReLU call site (bit: output > 0); "gates" for every call site of
+    an nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU or nn.ELU module (bit: input > 0, the same bit for a
+    ReLU); or a list of call-site names of "gates" (bit: input > 0). Only modules can be hooked: a
+    functional call (F.relu, torch.relu, x.clamp(min=0), F.gelu) records nothing;
+    `values`: also store the gates' outputs themselves as float16.
     """
 
     every_epochs: int = field(default=1, metadata=_check(0))
     probe: int = field(default=128, metadata=_check(1))
-    layers: Literal["relu"] | tuple[str, ...] = "relu"
+    layers: Literal["relu", "gates"] | tuple[str, ...] = "relu"
     values: bool = False
 
 
@@ -614,6 +617,12 @@ def _validate_cross_fields(cfg: RunConfig) -> None:
     if grad.source == "train-batches" and grad.samples:
         raise ConfigError(
             "record.grad_moments.samples applies to source = 'probe' only; train-batches uses every batch"
+        )
+    acts = cfg.record.activations
+    if acts.every_epochs and not acts.layers:
+        raise ConfigError(
+            'record.activations.layers = [] names no call site; give "relu", "gates" or call-site names, '
+            "or set record.activations.every_epochs = 0"
         )
     if not cfg.name.strip() or "/" in cfg.name:
         raise ConfigError(f"name = {cfg.name!r} must be a non-empty word without '/' (it names the default store)")

@@ -507,11 +507,12 @@ def grad_stream(rows: int, replicates: int, shapes: Mapping[str, Sequence[int]])
 
 
 def acts_stream(rows: int, probe: int, layers: Mapping[str, Mapping[str, Any]], values: bool) -> StreamSpec:
-    """`acts/`: ReLU on/off bitmasks of the probe samples at each recorded epoch (SPEC sections 3, 4).
+    """`acts/`: gate on/off bitmasks of the probe samples at each recorded epoch (SPEC sections 3, 4).
 
-    acts/<layer>/bits [A, P, ceil(units/8)] uint8 = numpy.packbits(output > 0, axis=-1, bitorder="little");
+    acts/<layer>/bits [A, P, ceil(units/8)] uint8 = numpy.packbits(bit, axis=-1, bitorder="little");
     acts/<layer>/values [A, P, units] float16 when `values`; acts/step, acts/epoch [A]. `layers` maps
-    each call-site name to its attrs: units, shape (C, H, W or features), module (the module path).
+    each call-site name to its attrs: units, shape (C, H, W or features), module (the module path),
+    module_type (the gate class), bit ("output > 0" or "input > 0").
     """
     arrays = [_step(ACTS), ArraySpec(ACTS.epoch, (), "int32", "index")]
     for layer, attrs in layers.items():

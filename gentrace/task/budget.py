@@ -113,14 +113,37 @@ def parameter_sizes(cfg: RunConfig) -> dict[str, int]:
     return sizes | {f"classifier.{3 * len(hidden)}.weight": width * out, f"classifier.{3 * len(hidden)}.bias": out}
 
 
-def relu_units(cfg: RunConfig) -> list[int]:
-    """Units per sample of each ReLU call site (torchvision archs: the classifier's only, a lower bound)."""
-    if cfg.model.arch == "mlp":
-        return list(cfg.model.hidden)
-    if cfg.model.arch == "cnn":
+def gate_sites(cfg: RunConfig) -> dict[str, int]:
+    """Call site -> units per sample of every gate module of the model `cfg.model` builds, in call order.
+
+    gentrace's architectures gate with nn.ReLU only, so `record.activations.layers` "relu" and "gates"
+    record these same sites. Torchvision archs: the classifier's only (the backbone's are left out), a
+    lower bound; resnet18 has none outside its backbone.
+    """
+    arch, hidden = cfg.model.arch, cfg.model.hidden
+    if arch == "mlp":
+        step = 3 if cfg.model.dropout > 0 else 2  # Linear, ReLU[, Dropout] per hidden width
+        return {str(i * step + 1): h for i, h in enumerate(hidden)}
+    if arch == "cnn":
         p, (_, h, w) = cfg.model.channels, input_shape(cfg)
-        return [p * h * w, p * (h // 2) * (w // 2), cfg.model.hidden[0] if cfg.model.hidden else 128]
-    return [] if cfg.model.arch == "resnet18" else list(cfg.model.hidden)
+        return {"1": p * h * w, "4": p * (h // 2) * (w // 2), "8": hidden[0] if hidden else 128}
+    if arch == "resnet18":
+        return {}
+    offset = 1 if arch == "vgg11" else 2  # vgg: Linear, ReLU, Dropout; alexnet: Dropout, Linear, ReLU
+    return {f"classifier.{3 * i + offset}": h for i, h in enumerate(hidden)}
+
+
+def relu_units(cfg: RunConfig) -> list[int]:
+    """Units per sample of each ReLU call site (see `gate_sites`)."""
+    return list(gate_sites(cfg).values())
+
+
+def act_units(cfg: RunConfig) -> list[int]:
+    """Units per sample of each call site `record.activations.layers` records (listed names it cannot size: 0)."""
+    sites, layers = gate_sites(cfg), cfg.record.activations.layers
+    if isinstance(layers, str):  # "relu" and "gates" are the same sites in gentrace's architectures
+        return list(sites.values())
+    return [sites[layer] for layer in dict.fromkeys(layers) if layer in sites]
 
 
 def _count(every: int, end: int) -> int:
@@ -174,7 +197,7 @@ def store_parts(cfg: RunConfig) -> list[Part]:
     rec = cfg.record
     pred_bytes = F32 if is_regression(cfg.data) else 2 / INT_COMPRESSION  # float32 outputs or int16 classes
     split_samples = {"train": m * n, "test": m * n_test}
-    units = relu_units(cfg)
+    units = act_units(cfg)
     probe = min(rec.activations.probe, n)
     act_row = probe * sum(math.ceil(u / 8) for u in units) / INT_COMPRESSION
     if rec.activations.values:
