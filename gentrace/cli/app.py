@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import warnings
@@ -114,6 +115,33 @@ def record(
         raise typer.Exit(130) from None
     if not torchrun_worker():
         _after_record(path, quiet)
+
+
+@app.command()
+@user_errors
+def check(
+    config: Annotated[
+        Path | None, typer.Argument(help="Run config (TOML). Without one, the built-in quick start is checked.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key, e.g. --set train.lr=0.1 (repeatable)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+) -> None:
+    """Dry run, no store written: per stream what `record` would write (CSV), the estimated run time and size."""
+    overrides = list(set_ or [])
+    cfg = config_mod.load(config, overrides)
+    from gentrace.cli.output import write
+    from gentrace.training import check as check_mod  # torch is imported only once the config is known to be good
+
+    table, summary = check_mod.check(cfg, device=device)
+    write(table, "csv")
+    args = [str(config)] if config is not None else []
+    args += [f"--set {shlex.quote(item)}" for item in overrides]
+    args += [f"--device {shlex.quote(device)}"] if device != "auto" else []
+    lines = [*check_mod.summary_lines(summary), "next, record it:", f"  gentrace record {' '.join(args)}".rstrip()]
+    typer.echo("\n".join(lines), err=True)
 
 
 _TERMINATED: list[int] = []

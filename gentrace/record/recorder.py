@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from torch.utils.hooks import RemovableHandle
@@ -28,7 +28,7 @@ from gentrace.record.params import params_fine_probe, params_probe
 from gentrace.record.predictions import PredictionsProbe
 from gentrace.store import schema
 from gentrace.store.schema import StreamSpec
-from gentrace.store.writer import RowBlock, StoreWriter
+from gentrace.store.writer import RowBlock
 
 ProbeFactory = Callable[[RunContext, Evaluator], Probe | None]
 
@@ -45,6 +45,44 @@ PROBES: dict[str, ProbeFactory] = {
 }
 
 
+class RowSink(Protocol):
+    """Where a Recorder hands its rows: the store writer, or a DiscardSink (`gentrace check`)."""
+
+    def start(self) -> None:
+        """Called once by Recorder.attach, before the first row."""
+
+    def put(self, block: RowBlock) -> None:
+        """Take one block of rows."""
+
+
+class DiscardSink:
+    """A RowSink that keeps no row, only counts them: drives the probes of rank 0 without a store (`gentrace check`).
+
+    Attributes:
+        rows: stream -> rows handed over.
+        nbytes: stream -> bytes of those rows' arrays (uncompressed).
+        checkpoints: resume checkpoints handed over (with `params` rows), and their bytes in `checkpoint_bytes`.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+        self.nbytes: dict[str, int] = {}
+        self.checkpoints = 0
+        self.checkpoint_bytes = 0
+
+    def start(self) -> None:
+        """Nothing to start."""
+
+    def put(self, block: RowBlock) -> None:
+        """Count the block's rows and bytes, then drop it."""
+        self.rows[block.stream] = self.rows.get(block.stream, 0) + block.rows
+        size = sum(int(values.nbytes) for values in block.arrays.values())
+        self.nbytes[block.stream] = self.nbytes.get(block.stream, 0) + size
+        if block.checkpoint is not None:
+            self.checkpoints += 1
+            self.checkpoint_bytes += len(block.checkpoint)
+
+
 class Recorder:
     """Context manager around one training run: probes in, RowBlocks out to the writer.
 
@@ -58,7 +96,7 @@ class Recorder:
         evaluator = Evaluator(ctx)
         built = ((name, factory(ctx, evaluator)) for name, factory in PROBES.items())
         self.probes: list[Probe] = [probe for _, probe in built if probe is not None]
-        self._writer: StoreWriter | None = None
+        self._writer: RowSink | None = None
         self._handles: list[RemovableHandle] = []
 
     def streams(self) -> list[StreamSpec]:
@@ -85,8 +123,11 @@ class Recorder:
         for probe in self.probes:
             probe.resume(rows)
 
-    def attach(self, writer: StoreWriter | None) -> Recorder:
-        """Send rows to `writer` (started here); None on the ranks other than 0 of torchrun, which drop their rows."""
+    def attach(self, writer: RowSink | None) -> Recorder:
+        """Send rows to `writer` (started here); None on the ranks other than 0 of torchrun, which drop their rows.
+
+        A DiscardSink instead of a writer records into nothing, on any rank (`gentrace check`).
+        """
         self._writer = writer
         if writer is not None:
             writer.start()
@@ -141,7 +182,7 @@ class Recorder:
             if self._writer is not None:
                 self._writer.put(block)
             else:
-                assert not self.ctx.dist.is_main, "attach a writer before recording"
+                assert not self.ctx.dist.is_main, "attach a writer (or a DiscardSink) before recording"
 
     def _with_checkpoint(self, item: Checkpointed) -> RowBlock:
         """The row with the training state of this moment (and every probe's state) as its checkpoint."""

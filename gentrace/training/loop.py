@@ -141,6 +141,15 @@ class Trainer:
         """Train from the current step to the end, recording as configured."""
         if not self.restored:
             recorder.at_step(0, 0)
+        self.train_steps(recorder, observers)
+
+    def train_steps(self, recorder: Recorder, observers: Sequence[StepObserver] = (), count: int | None = None) -> None:
+        """The optimizer steps from the current one, each followed by the recorder's `at_step` (`run` adds step 0's).
+
+        With `count`, only that many steps, and no `at_step` after them: `gentrace check` times the
+        training step (with the probes' in-step hooks) apart from the probes' scheduled passes.
+        """
+        first = self.step
         loss_fn = per_sample_loss(self.loss)
         x, y = self.data.x_train, self.data.y_train
         rows = torch.arange(len(self.models), device=x.device)[:, None]
@@ -195,8 +204,13 @@ class Trainer:
                 recorder.after_step(info)
                 for observer in observers:
                     observer.on_step(info)
-                if start + self.batch < self.cfg.data.n_train:
+                if count is not None:
+                    if self.step - first == count:
+                        return
+                elif start + self.batch < self.cfg.data.n_train:
                     recorder.at_step(self.step, epoch)
             self.epoch = epoch + 1
-            recorder.at_step(self.step, self.epoch)
-        recorder.flush()
+            if count is None:
+                recorder.at_step(self.step, self.epoch)
+        if count is None:
+            recorder.flush()
