@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gentrace.core.config import RunConfig
+from gentrace.core.config import RunConfig, is_factory
 from gentrace.record.base import Checkpointed, StepInfo
 from gentrace.record.recorder import DiscardSink, Recorder
 from gentrace.store import schema
@@ -273,7 +273,9 @@ def _report(
 ) -> tuple[pd.DataFrame, CheckSummary]:
     """The per-stream table and the summary, extrapolated from the timings (see the module docstring)."""
     tl = trainer.timeline
-    parts = budget.store_parts(cfg)
+    # budget sizes gentrace's own models and data from the config; a factory's run is sized by its raw bytes
+    sized = not (is_factory(cfg.model.arch) or is_factory(cfg.data.name))
+    parts = budget.store_parts(cfg) if sized else []
     # stream -> (seconds at step 0 without checkpoints, rows then): a probe's pass repeats at each row
     step0 = {stream: (pt.seconds - pt.checkpoint_s, rows) for pt in probe_times for stream, rows in pt.rows.items()}
     records = []
@@ -287,7 +289,7 @@ def _report(
                 "rows": spec.rows,
                 "bytes_per_row": bytes_per_row(spec),
                 "raw_mib": spec.rows * bytes_per_row(spec) / MIB,
-                "est_mib": _budget_bytes(parts, spec.name) / MIB,
+                "est_mib": (_budget_bytes(parts, spec.name) if sized else spec.rows * bytes_per_row(spec)) / MIB,
                 "step0_s": seconds,
                 "est_s": per_row * spec.rows,
                 "what": what(spec),
@@ -320,7 +322,9 @@ def _report(
         est_train_s=est_train_s,
         est_probes_s=passes_s + checkpoints * timed.checkpoint_s,
         raw_bytes=int(sum(spec.rows * bytes_per_row(spec) for spec in specs)),
-        est_store_bytes=int(sum(p.nbytes for p in parts)),
+        est_store_bytes=int(sum(p.nbytes for p in parts))
+        if sized
+        else int(sum(s.rows * bytes_per_row(s) for s in specs)),
         out=target.parent,
         free_bytes=budget.free_disk(target),
     )
