@@ -268,7 +268,7 @@ activations = { every_epochs = 1, probe = 128, layers = "relu", values = false }
 
 # Keys that only gentrace's own architectures read: refused next to a model factory.
 BUILT_IN_MODEL_KEYS = ("hidden", "channels", "dropout")
-FACTORY_KEYS = (("model", "arch"), ("data", "name"))
+FACTORY_KEYS = (("model", "arch"), ("data", "name"))  # layout: not a store name (config sections)
 
 
 def is_factory(name: str) -> bool:
