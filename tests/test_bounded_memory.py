@@ -36,7 +36,7 @@ def test_analyses_run_under_a_cap_smaller_than_every_big_array(tmp_path: Path) -
         env=ENV,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1800,  # ~6 min on a quiet 2-core machine; a safety net for a loaded one, not a measurement
         check=False,
     )
     assert done.returncode == 0, done.stderr
