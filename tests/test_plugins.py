@@ -253,7 +253,11 @@ BAD = [
     ("shapes-differ", ["data.name='factories.py:mismatched'"], "both splits need the same input shape"),
     ("text-labels", ["data.name='factories.py:text_labels'"], "give integer classes or float targets"),
     ("labels-short", ["data.name='factories.py:short_labels'"], "give one label per input"),
-    ("too-few-samples", ["data.n_train=150"], "needs 300 training samples, but the factory's train split has 200"),
+    (
+        "too-few-samples",
+        ["data.n_train=150"],
+        "needs 300 training samples, but the train split of the factory's data has 200",
+    ),
     ("built-in-key", ["model.hidden=[4]"], "model.hidden applies to gentrace's own architectures only"),
     (
         "options-on-built-in",

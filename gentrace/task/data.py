@@ -169,34 +169,11 @@ def _from_factory(cfg: DataConfig, m: int) -> Dataset:
         k = cfg.num_classes or top + 1
         if top >= k:
             raise ConfigError(f"{key}: a label is >= data.num_classes = {k}; labels must lie in 0..{k - 1}")
-    if m * cfg.n_train > len(x_tr):
-        raise ConfigError(
-            f"data.n_train = {cfg.n_train} with {m} replicate(s) needs {m * cfg.n_train} training samples, but "
-            f"the factory's train split has {len(x_tr)}; lower data.n_train or train.replicates"
-        )
-    if cfg.n_test > len(x_te):
-        raise ConfigError(
-            f"data.n_test = {cfg.n_test} is more than the {len(x_te)} samples of the factory's test split; "
-            "lower data.n_test"
-        )
-    train_index = _rng(cfg, _SUBSET).permutation(len(x_tr))[: m * cfg.n_train].reshape(m, cfg.n_train)
-    test_index = np.sort(_rng(cfg, _TEST).permutation(len(x_te))[: cfg.n_test])
-    train_index = np.sort(train_index, axis=1)
+    source = "the train split of the factory's data"
     if c_tr is None or c_te is None:
-        target = torch.float32
-        return Dataset(
-            x_train=x_tr[torch.from_numpy(train_index)],
-            y_train=y_tr.to(target)[torch.from_numpy(train_index)],
-            x_test=x_te[torch.from_numpy(test_index)],
-            y_test=y_te.to(target)[torch.from_numpy(test_index)],
-            train_index=train_index.astype(np.int64),
-            test_index=test_index.astype(np.int64),
-            noise_mask=np.zeros(train_index.shape, dtype=bool),
-            num_classes=0,
-            input_shape=tuple(x_tr.shape[1:]),
-        )
-    identity = np.arange(k, dtype=np.int64)
-    return _gather(x_tr, torch.from_numpy(c_tr), x_te, torch.from_numpy(c_te), train_index, test_index, identity)
+        return _draw(cfg, m, (x_tr, y_tr, x_te, y_te), None, source, "samples")
+    splits = (x_tr, torch.from_numpy(c_tr), x_te, torch.from_numpy(c_te))
+    return _draw(cfg, m, splits, np.arange(k, dtype=np.int64), source, "samples")
 
 
 _INTEGER = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -362,19 +339,38 @@ def _torchvision(cfg: DataConfig, m: int) -> Dataset:
         x_tr, y_tr, x_te, y_te = _load_cifar10(root, cfg.download)
     else:
         x_tr, y_tr, x_te, y_te = _load_mnist(cfg.name, root, cfg.download)
-    label_map = _label_map(cfg.task)
-    train_pool = np.flatnonzero(label_map[y_tr.numpy()] >= 0)
-    test_pool = np.flatnonzero(label_map[y_te.numpy()] >= 0)
     what = cfg.name if cfg.task == "multiclass" else f"{cfg.name} ({cfg.task})"
+    return _draw(cfg, m, (x_tr, y_tr, x_te, y_te), _label_map(cfg.task), f"the train split of {what}", "images")
+
+
+def _draw(
+    cfg: DataConfig,
+    m: int,
+    splits: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    label_map: np.ndarray | None,
+    source: str,
+    unit: str,
+) -> Dataset:
+    """M seeded disjoint training subsets of the train split and the test set from the test split.
+
+    `splits` = (x_tr, y_tr, x_te, y_te); `label_map` relabels classes (-1 drops a class from the pools);
+    None: float regression targets, every sample in the pools. `source` and `unit` name them in errors.
+    """
+    x_tr, y_tr, x_te, y_te = splits
+    if label_map is None:
+        train_pool, test_pool = np.arange(len(x_tr)), np.arange(len(x_te))
+    else:
+        train_pool = np.flatnonzero(label_map[y_tr.numpy()] >= 0)
+        test_pool = np.flatnonzero(label_map[y_te.numpy()] >= 0)
     if m * cfg.n_train > len(train_pool):
         raise ConfigError(
-            f"data.n_train = {cfg.n_train} with {m} replicate(s) needs {m * cfg.n_train} training images, but the "
-            f"train split of {what} has {len(train_pool)}; lower data.n_train or train.replicates"
+            f"data.n_train = {cfg.n_train} with {m} replicate(s) needs {m * cfg.n_train} training {unit}, but "
+            f"{source} has {len(train_pool)}; lower data.n_train or train.replicates"
         )
     if cfg.n_test > len(test_pool):
+        test_source = source.replace("the train split", "the test split", 1)
         raise ConfigError(
-            f"data.n_test = {cfg.n_test} is more than the {len(test_pool)} images of the test split of {what}; "
-            f"lower data.n_test"
+            f"data.n_test = {cfg.n_test} is more than the {len(test_pool)} {unit} of {test_source}; lower data.n_test"
         )
     train_index = _rng(cfg, _SUBSET).permutation(train_pool)[: m * cfg.n_train].reshape(m, cfg.n_train)
     test_index = _rng(cfg, _TEST).permutation(test_pool)[: cfg.n_test]
@@ -388,15 +384,20 @@ def _gather(
     y_te: torch.Tensor,
     train_index: np.ndarray,
     test_index: np.ndarray,
-    label_map: np.ndarray,
+    label_map: np.ndarray | None,
 ) -> Dataset:
-    """Pick the subsets from the pools (`x: [N, C, H, W]` uint8 or float32), scale to [0, 1], relabel."""
+    """Pick the subsets from the pools (`x: [N, *shape]` uint8 or float32), scale uint8 to [0, 1], relabel.
+
+    `label_map` None: float regression targets, kept as float32 (num_classes 0).
+    """
 
     def images(x: torch.Tensor, index: np.ndarray) -> torch.Tensor:
         picked = x[torch.from_numpy(index)]
         return picked.float().div_(255.0) if picked.dtype == torch.uint8 else picked
 
     def labels(y: torch.Tensor, index: np.ndarray) -> torch.Tensor:
+        if label_map is None:
+            return y[torch.from_numpy(index)].to(torch.float32)
         return torch.from_numpy(label_map[y.numpy()[index]])
 
     m, n = train_index.shape
@@ -408,7 +409,7 @@ def _gather(
         train_index=train_index.astype(np.int64),
         test_index=test_index.astype(np.int64),
         noise_mask=np.zeros((m, n), dtype=bool),
-        num_classes=int(label_map.max()) + 1,
+        num_classes=0 if label_map is None else int(label_map.max()) + 1,
         input_shape=tuple(x_tr.shape[1:]),
     )
 
