@@ -50,6 +50,12 @@ def _usage_error_types() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set train.lr=0.1 (repeatable).")
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+
+
 @app.command()
 @user_errors
 def record(
@@ -59,11 +65,8 @@ def record(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Store path [default: runs/<config name>-<timestamp>.zarr]")
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a config key, e.g. --set train.lr=0.1 (repeatable)."),
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    set_: SetOpt = None,
+    device: DeviceOpt = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the killed or interrupted run in --out.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store at --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -123,11 +126,8 @@ def check(
     config: Annotated[
         Path | None, typer.Argument(help="Run config (TOML). Without one, the built-in quick start is checked.")
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a config key, e.g. --set train.lr=0.1 (repeatable)."),
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    set_: SetOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Dry run, no store written: per stream what `record` would write (CSV), the estimated run time and size."""
     overrides = list(set_ or [])
