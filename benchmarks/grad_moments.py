@@ -14,7 +14,8 @@ each after a warm-up (medians reported, machines are noisy; the order rotates ev
 
 Models (SPEC section 2): the MLP 784-512-512-10 and the 2-block CNN (16 channels, hidden 128) on
 28x28 inputs, and the small vision transformer of examples/vit_digits.py (a model factory: 4x4
-patches, 49 tokens + a class token, dim 32, 2 blocks of LayerNorm, 4-head attention and a GELU MLP). Inputs are uniform in [0, 1], like pixel intensities (`data.py` scales digits to
+patches, 49 tokens + a class token, dim 32, 2 blocks of LayerNorm, 4-head attention and a GELU MLP).
+Inputs are uniform in [0, 1], like pixel intensities (`data.py` scales digits to
 [0, 1]); labels are uniform over 10 classes. Before timing, every variant's moments are checked
 against the torch.func reference on the same batch (sums rtol 1e-4, counts exact).
 
