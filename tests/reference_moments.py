@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,3 +29,27 @@ def per_sample_grads(
 def moments_of(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """sum, sum of squares, #>0, #<0 over the sample axis of [n, *shape]."""
     return grads.sum(0), grads.square().sum(0), (grads > 0).sum(0), (grads < 0).sum(0)
+
+
+def assert_moments_equal(moments: Any, reference: dict[str, torch.Tensor]) -> Any:
+    """gentrace's Moments equal the moments of per-sample gradients [n, *shape]: float32 precision, counts exactly.
+
+    The counts are compared on every entry whose per-sample gradients are each either exactly 0 or
+    clearly not 0 (above 1e-9 of the tensor's largest): an entry whose exact gradient is 0 but that
+    both sides compute as rounding noise (attention's key bias, to which softmax is invariant) has
+    no defined sign. Returns the names of the tensors that had such entries.
+    """
+    assert set(moments.tensors) == set(reference)
+    noisy = set()
+    for name, grads in reference.items():
+        s, sq, pos, neg = moments_of(grads)
+        got = moments.tensors[name]
+        scale = grads.abs().max().item() + 1e-30
+        torch.testing.assert_close(got.sum, s, rtol=1e-5, atol=1e-6 * scale * len(grads), msg=name)
+        torch.testing.assert_close(got.sumsq, sq, rtol=1e-5, atol=1e-6 * scale**2 * len(grads), msg=name)
+        signed = ((grads == 0) | (grads.abs() > 1e-9 * scale)).all(0)
+        if not signed.all():
+            noisy.add(name)
+        assert torch.equal(got.pos[signed], pos[signed]), name
+        assert torch.equal(got.neg[signed], neg[signed]), name
+    return noisy

@@ -20,11 +20,15 @@ Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | No
 
 def stats_of(g: torch.Tensor, signs: bool = True) -> Stats:
     """Moments of explicit per-sample gradients g [c, *shape] (the chunked rules)."""
-    s, sq = g.sum(0, dtype=torch.float64), g.square().sum(0, dtype=torch.float64)
+    # One float64 copy, squared in place: reducing it is about twice as fast as sum(dtype=float64)
+    # of the float32 tensor (which converts as it goes); the counts of +-1 are exact in float32 below 2^24.
+    d = g.double()
+    s = d.sum(0)
+    sq = (d.square_() if d is not g else d.square()).sum(0)
     if not signs:
         return s, sq, None, None
     sign = g.sign()
-    return s, sq, sign.sum(0, dtype=torch.int32), sign.abs().sum(0, dtype=torch.int32)
+    return s, sq, sign.sum(0).to(torch.int32), sign.abs_().sum(0).to(torch.int32)
 
 
 def add_stats(total: Stats | None, more: Stats) -> Stats:

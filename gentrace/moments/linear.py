@@ -66,9 +66,16 @@ def moments(module: nn.Module, a: torch.Tensor, delta: torch.Tensor, signs: bool
         if module.bias is not None:
             out["bias"] = bias_moments(delta, signs)
         return out
-    # [B, *, in]: per-sample gradient sum_t delta_it a_it^T, formed in chunks of samples.
     a3, d3 = a.flatten(1, -2), delta.flatten(1, -2)  # [B, T, in], [B, T, out]
-    out = {"weight": chunked_moments(lambda lo, hi: d3[lo:hi].transpose(1, 2) @ a3[lo:hi], len(a3), signs=signs)}
+    out = {"weight": sequence_weight_moments(a3, d3, signs)}
     if module.bias is not None:
         out["bias"] = bias_moments(d3.sum(1), signs)
     return out
+
+
+def sequence_weight_moments(a3: torch.Tensor, d3: torch.Tensor, signs: bool = True) -> Stats:
+    """Moments of W applied at every position: a3 [B, T, in], d3 [B, T, out] -> Stats [out, in].
+
+    Sample i's gradient sum_t delta_it a_it^T is no outer product, so it is formed, a chunk of samples at a time.
+    """
+    return chunked_moments(lambda lo, hi: d3[lo:hi].transpose(1, 2) @ a3[lo:hi], len(a3), signs=signs)
