@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import StopAt, run_cli
-from test_distributed import assert_same, sets, torchrun
+from test_distributed import sets, torchrun
 
 from gentrace.analyses.registry import REGISTRY
 from gentrace.core import config
@@ -31,6 +31,10 @@ SMALL = {
         "record.grad_moments.samples=24",
         "record.activations.probe=16",
         "record.checkpoint_every_s=0",
+        # the attention's key bias has an exactly zero gradient; Adam divides its rounding noise by its own
+        # size and walks it by lr per step, differently in 1 and 2 processes: SGD keeps it where it is
+        "train.optimizer='sgd'",
+        "train.lr=0.05",
     ],
     "folder_dataset": ["data.n_train=25", "train.epochs=2", "record.checkpoint_every_s=0", "data.options.size=8"],
     "diabetes_residual": ["data.n_train=60", "data.n_test=40", "train.epochs=3", "record.checkpoint_every_s=0"],
@@ -115,7 +119,18 @@ def test_two_processes_equal_one(name: str, images: Path, tmp_path: Path) -> Non
     cfg = cfg_of(name, images)
     one = run.record(cfg, tmp_path / "one.zarr", device="cpu")
     torchrun(tmp_path, str(EXAMPLES / f"{name}.toml"), *sets(overrides(name, images)), "--out", "two.zarr")
-    assert_same(one, tmp_path / "two.zarr")
+    a, b = StoreReader(one), StoreReader(tmp_path / "two.zarr")
+    assert a.streams() == b.streams()
+    assert (a.attrs["processes"], b.attrs["processes"]) == (1, 2)
+    for paths in a.streams().values():
+        for path in paths:
+            x, y = a.array(path), b.array(path)
+            if x.dtype.kind == "f":
+                # two processes sum each row's samples in another order: float32 rounding of the largest terms
+                scale = float(np.nanmax(np.abs(x))) if x.size and np.isfinite(x).any() else 1.0
+                np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5 * scale, err_msg=path)
+            else:
+                np.testing.assert_array_equal(x, y, err_msg=path)
 
 
 @pytest.mark.parametrize("name", HEAVY)

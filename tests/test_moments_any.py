@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,7 +181,21 @@ def _images(n: int) -> torch.Tensor:
     return torch.randn(n, 1, 8, 8)
 
 
+def _example_vit() -> nn.Module:
+    """The model factory of examples/vit_digits.py, as a researcher would record it (small options)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "vit_digits.py"
+    spec = importlib.util.spec_from_file_location("example_vit_digits", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.vit((1, 8, 8), CLASSES, patch=2, dim=16, depth=2, heads=2, hidden=16)  # type: ignore[no-any-return]
+
+
 CASES = [
+    Case("examples-vit-digits", _example_vit, _images),
     Case("vit-conv-patches", ViT, _images),
     Case("vit-linear-patches-layer-scale", lambda: ViT("linear", layer_scale=True), _images),
     Case("vit-seq-first-attn-weights-padding", lambda: ViT(batch_first=False, attn_weights=True, pad=True), _images),

@@ -111,7 +111,13 @@ def _by_projections(
     else:
         out["in_proj_weight"] = _cat([sequence_weight_moments(a, d, signs) for a, d in zip(a3, d3, strict=True)])
     if module.in_proj_bias is not None:
-        out["in_proj_bias"] = stats_of(torch.cat([d.sum(1) for d in d3], 1), signs)
+        per_sample = [d.sum(1) for d in d3]  # [B, E] each: the q, k and v thirds of the bias
+        if not module.add_zero_attn:
+            # the key bias adds q_t . b_k to every logit of query t alike, and softmax ignores a constant per
+            # row: its gradient is exactly 0, and what the sum above gives is rounding noise of random sign,
+            # whose sign counts would differ from run to run (or between 1 and 2 processes)
+            per_sample[1] = torch.zeros_like(per_sample[1])
+        out["in_proj_bias"] = stats_of(torch.cat(per_sample, 1), signs)
     c3 = ctx.detach().movedim(bdim, 0)
     o3 = torch.zeros_like(c3) if d_out is None else d_out.movedim(bdim, 0)
     out["out_proj.weight"] = sequence_weight_moments(c3, o3, signs)
