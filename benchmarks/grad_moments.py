@@ -199,7 +199,12 @@ def check(variants: list[Variant], reference: Quantities) -> None:
             for q, value in quantities.items():
                 ref = reference[name][q]
                 if q in ("pos", "neg"):
-                    torch.testing.assert_close(value.long(), ref.long(), rtol=0, atol=0, msg=f"{v.name} {name} {q}")
+                    # entries whose exact gradient is 0 (an attention key bias) hold rounding noise of any sign
+                    sumsq = reference[name]["sumsq"].double()
+                    real = sumsq > 1e-12 * float(sumsq.max())
+                    torch.testing.assert_close(
+                        value.long()[real], ref.long()[real], rtol=0, atol=0, msg=f"{v.name} {name} {q}"
+                    )
                 else:
                     # entries of the sum that cancel to ~0 differ by float32 rounding of the large terms
                     atol = RTOL * float(ref.abs().max())
