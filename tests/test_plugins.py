@@ -278,3 +278,16 @@ def test_a_bad_plug_in_is_one_line_exit_2_and_no_store(
     assert message in one_error_line(done.stderr)
     assert not (project / "bad.zarr").exists()
     assert not (project / "runs").exists()
+
+
+def test_an_analysis_whose_factory_is_gone_names_it_and_how_to_import_it(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(project))
+    monkeypatch.delitem(sys.modules, "factories", raising=False)
+    cfg = load(project, "model.arch='factories:net'")
+    path = run.record(cfg, project / "s.zarr", device="cpu")
+    (project / "factories.py").rename(project / "moved_away.py")  # the analysis runs where the module is not
+    monkeypatch.delitem(sys.modules, "factories", raising=False)
+    with pytest.raises(ConfigError, match=r"model.arch: cannot import module 'factories'.*PYTHONPATH"):
+        lipschitz.run(StoreReader(path), where="train")
