@@ -22,8 +22,7 @@ Methods (all exact integer counts):
              per-block counts <= block_units fit int32 exactly.
     float32  NumPy BLAS sgemm on 0/1 float32 blocks: a float32 sum of 0/1 products is an exact
              integer below 2**24, so a block of at most 2**24 units is exact in any summation order.
-    auto     int8 (torch on `device`), float32 where torch's int8 matmul is unavailable or, on the CPU,
-             slower than float32 (torch 2.14's is ~18x slower; gentrace.moments.linear.int8_gemm_pays).
+    auto     int8 (torch on `device`), float32 where torch's int8 matmul is unavailable.
 
 Measured on 2 AMD EPYC cores (2000 probes x 100,000 units, benchmarks/paths.py, medians of 5):
 np.unpackbits + a float64 matmul 3.9 s, float32 2.1 s (1.9x), int8 0.33 s (12x). A popcount of
@@ -146,7 +145,7 @@ def pairwise_dot(
         raise AnalysisInputError(
             f"pairwise_dot: bit matrices [P, bytes] and [Q, bytes] expected, not {a.shape}, {b_.shape}"
         )
-    use_float32 = method == "float32" or (method == "auto" and not _int8_pays(resolve_device(device)))
+    use_float32 = method == "float32" or (method == "auto" and not _int8_works(resolve_device(device)))
     if block_units is None:
         rows = a.shape[0] + (0 if b is None else b_.shape[0])
         per_unit = rows * (4 if use_float32 else 1)
@@ -255,17 +254,6 @@ def _pad_rows(torch: Any, x: Any, rows: int) -> Any:
 
 
 _INT8_OK: dict[str, bool] = {}
-
-
-def _int8_pays(device: str) -> bool:
-    """`auto`: int8 where it runs, and on the CPU only where it beats float32 (gentrace.moments.linear)."""
-    if not _int8_works(device):
-        return False
-    if not device.startswith("cpu"):
-        return True
-    from gentrace.moments.linear import int8_gemm_pays
-
-    return int8_gemm_pays()
 
 
 def _int8_works(device: str) -> bool:
