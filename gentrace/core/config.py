@@ -109,9 +109,13 @@ class LrDecay:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """`[train]`: optimizer, schedule, loss, number of replicates."""
+    """`[train]`: optimizer, schedule, loss, number of replicates.
 
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    `optimizer = "own"` marks a store recorded by `gentrace.Run` with the user's own optimizer (its class
+    is in the store's `own_loop` attribute); `gentrace record` refuses it.
+    """
+
+    optimizer: Literal["sgd", "adam", "own"] = "sgd"
     lr: float = field(default=0.01, metadata=_check(0.0, FLOAT32_MAX, exclusive_min=True, why=FLOAT32))
     momentum: float = field(default=0.0, metadata=_check(0.0, 1.0))
     weight_decay: float = field(default=0.0, metadata=_check(0.0, FLOAT32_MAX, why=FLOAT32))
@@ -205,9 +209,15 @@ class RecordConfig:
     `checkpoint_every_s`: a parameter snapshot carries a resume checkpoint (model, optimizer and
     RNG state) if at least this many seconds passed since the last one (the first and last
     snapshots always do; 0 = every snapshot). At most this much training is redone after a kill.
+
+    `inputs`: also store the evaluated inputs themselves (`data/x_train` [M, n, *input_shape] and
+    `data/x_test` [n_test, *input_shape], float32, written once) so that the analyses that need the
+    inputs (lipschitz, the mi references) read them from the store instead of rebuilding the data set;
+    the store grows by 4 bytes per input value (M * n + n_test samples).
     """
 
     eval_every_steps: int = field(default=0, metadata=_check(0))
+    inputs: bool = False
     checkpoint_every_s: float = field(default=30.0, metadata=_check(0.0))
     params: ParamsRecord = ParamsRecord()
     params_fine: ParamsFineRecord = ParamsFineRecord()
@@ -271,9 +281,19 @@ BUILT_IN_MODEL_KEYS = ("hidden", "channels", "dropout")
 FACTORY_KEYS = (("model", "arch"), ("data", "name"))  # layout: not a store name (config sections)
 
 
+# `data.name`, `model.arch` and `train.optimizer` of a store recorded by `gentrace.Run` (a user's own loop):
+# the data, the model or the optimizer were given in code, so gentrace cannot build them from the config.
+OWN = "own"
+
+
 def is_factory(name: str) -> bool:
     """Whether a `model.arch` / `data.name` value names a factory (`where:function`) rather than a built-in."""
     return ":" in name
+
+
+def is_external(name: str) -> bool:
+    """A `model.arch` / `data.name` that is not one of gentrace's built-ins: a factory, or `own` (given in code)."""
+    return is_factory(name) or name == OWN
 
 
 def split_factory(spec: str, key: str) -> tuple[str, str]:
@@ -361,7 +381,7 @@ def from_dict(raw: Mapping[str, Any]) -> RunConfig:
     cfg = _build(RunConfig, raw, "")
     _validate_names(cfg)
     model_raw = raw.get("model", {})
-    if is_factory(cfg.model.arch):
+    if is_external(cfg.model.arch):
         given = [k for k in BUILT_IN_MODEL_KEYS if k in model_raw]
         if given:
             raise ConfigError(
@@ -372,7 +392,7 @@ def from_dict(raw: Mapping[str, Any]) -> RunConfig:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="default"))
     elif cfg.model.options:
         raise ConfigError(f"model.options applies to a model factory; model.arch = {cfg.model.arch!r} is built in")
-    if not is_factory(cfg.data.name):
+    if not is_external(cfg.data.name):
         if cfg.data.options:
             raise ConfigError(f"data.options applies to a data factory; data.name = {cfg.data.name!r} is built in")
         if cfg.data.num_classes:
@@ -391,7 +411,7 @@ def _validate_names(cfg: RunConfig) -> None:
     ):
         if is_factory(value):
             split_factory(value, key)
-        elif value not in choices:
+        elif value != OWN and value not in choices:
             raise ConfigError(
                 f"{key} = {value!r} is not allowed; choose one of: {' | '.join(choices)} "
                 "(or a factory: 'package.module:function' or 'path/to/file.py:function')"
@@ -421,8 +441,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def _not_applying(cfg: Any) -> tuple[str, ...]:
     if isinstance(cfg, ModelConfig):
-        return BUILT_IN_MODEL_KEYS if is_factory(cfg.arch) else ("options",)
-    if isinstance(cfg, DataConfig) and not is_factory(cfg.name):
+        return BUILT_IN_MODEL_KEYS if is_external(cfg.arch) else ("options",)
+    if isinstance(cfg, DataConfig) and not is_external(cfg.name):
         return ("options", "num_classes")
     return ()
 
@@ -578,7 +598,7 @@ def _validate_cross_fields(cfg: RunConfig) -> None:
             )
         if data.label_noise > 0:
             raise ConfigError(f"data.label_noise applies to class labels only; {data.name} is a regression set")
-    elif train.loss == "mse" and not is_factory(data.name):  # a factory's targets are seen when it is called
+    elif train.loss == "mse" and not is_external(data.name):  # a factory's targets are seen when it is called
         raise ConfigError(
             f"train.loss = 'mse' needs a regression set; {data.name} has classes: use cross_entropy, bce or auto"
         )
@@ -586,14 +606,14 @@ def _validate_cross_fields(cfg: RunConfig) -> None:
         train.loss == "bce"
         and data.task == "multiclass"
         and data.name not in ("sinusoid", "ball-sinusoid", "sparse-noise")
-        and not is_factory(data.name)
+        and not is_external(data.name)
     ):
         raise ConfigError("train.loss = 'bce' needs two classes: set data.task to a binary relabeling")
     images = ("digits", "mnist", "fashion-mnist", "cifar10")
     if (
         cfg.model.arch in ("cnn", "resnet18", "vgg11", "alexnet")
         and data.name not in images
-        and not is_factory(data.name)
+        and not is_external(data.name)
     ):
         raise ConfigError(f"model.arch = {cfg.model.arch!r} needs image data; {data.name} is a vector set: use mlp")
     if not cfg.model.hidden and cfg.model.arch == "mlp":

@@ -355,6 +355,16 @@ class DataGroup(Stream):
         return self.path("noise_mask")
 
     @property
+    def x_train(self) -> str:
+        """`data/x_train` [M, n, *input_shape] float32: the evaluated training inputs (`record.inputs = true`)."""
+        return self.path("x_train")
+
+    @property
+    def x_test(self) -> str:
+        """`data/x_test` [n_test, *input_shape] float32: the test inputs (`record.inputs = true`)."""
+        return self.path("x_test")
+
+    @property
     def probe_index(self) -> str:
         """`data/probe_index` [P] int64: the activation probe samples' positions in replicate 0's subset."""
         return self.path("probe_index")
@@ -414,6 +424,11 @@ def data_arrays(
         DATA.labels_test: np.asarray(labels_test, dtype=label_dtype),
         DATA.noise_mask: np.asarray(noise_mask, dtype=bool),
     }
+
+
+def input_arrays(x_train: np.ndarray, x_test: np.ndarray) -> dict[str, np.ndarray]:
+    """`data/x_train` [M, n, *input_shape] and `data/x_test` [n_test, *input_shape], float32 (`record.inputs`)."""
+    return {DATA.x_train: np.asarray(x_train, dtype=np.float32), DATA.x_test: np.asarray(x_test, dtype=np.float32)}
 
 
 def metrics_stream(rows: int, replicates: int) -> StreamSpec:

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gentrace.core.config import DataConfig, is_factory, is_regression
+from gentrace.core.config import OWN, DataConfig, is_factory, is_regression
 from gentrace.core.errors import ConfigError, DataError
 from gentrace.task import plugins
 
@@ -101,6 +101,11 @@ def build_data(cfg: DataConfig, replicates: int) -> Dataset:
     """Build the data set `cfg.name` for `replicates` models, each with its own `cfg.n_train` samples."""
     if replicates < 1:
         raise ConfigError(f"train.replicates = {replicates} is impossible; it must be >= 1")
+    if cfg.name == OWN:
+        raise ConfigError(
+            "data.name = 'own' marks data given in code to gentrace.Run; gentrace cannot build it: name a "
+            "built-in set or a factory 'package.module:function'"
+        )
     if is_regression(cfg) and cfg.label_noise > 0:
         raise ConfigError(f"data.label_noise applies to class labels only; {cfg.name} is a regression set")
     if cfg.name in _SYNTHETIC and cfg.task != "multiclass":

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from gentrace.core.config import ModelConfig, is_factory
+from gentrace.core.config import OWN, ModelConfig, is_factory
 from gentrace.core.errors import ConfigError
 from gentrace.task import plugins
 
@@ -72,6 +72,11 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], out_dim: int) ->
     Returns:
         The model in train mode, on the CPU. Same `cfg` -> identical parameters; the global RNG is untouched.
     """
+    if cfg.arch == OWN:
+        raise ConfigError(
+            "model.arch = 'own' marks a model given in code to gentrace.Run; gentrace cannot build it: name a "
+            "built-in architecture or a factory 'package.module:function'"
+        )
     factory = is_factory(cfg.arch)
     if not factory and cfg.arch != "mlp" and len(input_shape) != 3:
         raise ConfigError(f"model.arch = {cfg.arch!r} needs image inputs (C, H, W), got shape {input_shape}; use mlp")

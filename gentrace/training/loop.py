@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from gentrace.core.config import RunConfig
-from gentrace.core.errors import TrainingDiverged
+from gentrace.core.errors import ConfigError, TrainingDiverged
 from gentrace.core.schedules import Timeline, timeline
 from gentrace.record.base import Batch, StepInfo
 from gentrace.record.ranks import Dist
@@ -70,6 +70,8 @@ class Trainer:
         trainable = [p for model in self.models for p in model.parameters() if p.requires_grad]
         t = cfg.train
         self.optimizer: torch.optim.Optimizer
+        if t.optimizer == "own":
+            raise ConfigError("train.optimizer = 'own' marks a store recorded by gentrace.Run; use sgd or adam")
         if t.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(trainable, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         else:
