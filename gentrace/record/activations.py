@@ -137,7 +137,7 @@ class ActivationsProbe(Probe):
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         rec = ctx.record.activations
-        self.steps = set(every_epochs(rec.every_epochs, ctx.timeline))
+        self.steps = self.schedule()
         self.values = rec.values
         self.x = ctx.data.x_train[0][: rec.probe]
         model = ctx.models[0]
@@ -150,6 +150,10 @@ class ActivationsProbe(Probe):
         # every site of a module that runs several times per forward is named "@k"
         self.multi_call = {info["module"] for site, info in self.sites.items() if "@" in site}
         self.input_bit = rec.layers != "relu"
+
+    def schedule(self) -> set[int]:
+        """Every `record.activations.every_epochs` epochs."""
+        return set(every_epochs(self.ctx.record.activations.every_epochs, self.ctx.timeline))
 
     def streams(self) -> list[schema.StreamSpec]:
         """One `acts` stream with a row per recorded epoch."""

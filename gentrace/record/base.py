@@ -15,7 +15,7 @@ Probes hand the writer host NumPy arrays only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,7 +30,7 @@ from gentrace.record.ranks import Dist
 from gentrace.store.schema import StreamSpec
 from gentrace.store.writer import RowBlock
 from gentrace.task.data import Dataset
-from gentrace.task.losses import LossName
+from gentrace.task.losses import LossName, per_sample_loss
 
 
 @dataclass
@@ -47,6 +47,8 @@ class RunContext:
         lr: the learning rate at step 0 (later rows take the lr of each step's StepInfo).
         dist: this process's rank among the processes of a torchrun launch (Dist() when alone);
             probes split their passes with it and combine the pieces (gentrace.record.ranks).
+        loss_fn: a per-sample loss `(outputs, y) -> [b]` given in code (gentrace.Run); None: the loss
+            named by `loss`, which then only says how outputs are read (classes, one logit, values).
     """
 
     record: RecordConfig
@@ -57,6 +59,11 @@ class RunContext:
     device: torch.device
     lr: float
     dist: Dist = field(default_factory=Dist)
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def per_sample_loss(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The loss of each sample alone: (outputs [b, out], y [b]) -> [b]."""
+        return self.loss_fn if self.loss_fn is not None else per_sample_loss(self.loss)
 
 
 class Checkpointer(Protocol):
@@ -73,23 +80,42 @@ class Batch:
 
     Attributes:
         step: the optimizer step this update becomes (1 for the first).
-        x: [M, b, *input_shape] inputs; they require grad when a probe asked for the input gradient.
+        x: [M, b, *input_shape] inputs, or (gentrace.Run) a list of M inputs [b, *input_shape], one per
+            replicate's own forward; they require grad when a probe asked for the input gradient.
         outputs: M tensors [b, out], the forward pass of each replicate (the graph still whole).
-        y: [M, b] targets.
+        y: [M, b] targets (None before the backward in a user's loop, which hands them over at its step).
         sample_weight: the weight each sample's loss carries in the backward; None means 1 / b (the batch
             mean of one process). Under torchrun each rank backpropagates its piece with weight world / B.
     """
 
     step: int
-    x: torch.Tensor
+    x: torch.Tensor | list[torch.Tensor]
     outputs: list[torch.Tensor]
-    y: torch.Tensor
+    y: torch.Tensor | None
     sample_weight: float | None = None
+
+    @property
+    def size(self) -> int:
+        """b, the samples of each replicate's batch."""
+        return int(self.x[0].shape[0]) if isinstance(self.x, list) else int(self.x.shape[1])
+
+    @property
+    def leaves(self) -> list[torch.Tensor]:
+        """The input tensors autograd differentiates with respect to (one stacked, or one per replicate)."""
+        return self.x if isinstance(self.x, list) else [self.x]
+
+    def input_norms(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
+        """Per-sample norms [M, b] of input gradients shaped like `leaves`."""
+        assert all(g is not None for g in grads), "the inputs were not differentiated"
+        if isinstance(self.x, list):
+            return torch.stack([g.flatten(1).norm(dim=1) for g in grads if g is not None])
+        assert grads[0] is not None
+        return grads[0].flatten(2).norm(dim=2)
 
     @property
     def per_sample_scale(self) -> float:
         """1 / sample_weight: what a per-sample term of the backward is multiplied by to undo the weighting."""
-        return float(self.x.shape[1]) if self.sample_weight is None else 1.0 / self.sample_weight
+        return float(self.size) if self.sample_weight is None else 1.0 / self.sample_weight
 
 
 @dataclass(frozen=True)
@@ -125,12 +151,17 @@ class Probe:
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
+        self.steps: set[int] = set()  # the steps it records at (`schedule`)
         self.next_row: dict[str, int] = {}
         self._buffers: dict[str, list[dict[str, np.ndarray]]] = {}
 
     def streams(self) -> list[StreamSpec]:
         """The streams this probe writes, preallocated at their final row counts."""
         return []
+
+    def schedule(self) -> set[int]:
+        """The steps this probe records at, from `ctx.timeline` (asked again when a run's timeline grows)."""
+        return set()
 
     def static(self) -> dict[str, np.ndarray]:
         """Arrays written once into `data/` when the store is created (e.g. the probe set's indices)."""

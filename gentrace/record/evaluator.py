@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from gentrace.record.base import RunContext
-from gentrace.task.losses import per_sample_loss
 
 EVAL_BATCH = 1024
 
@@ -40,7 +39,7 @@ class Evaluator:
     def losses(self, step: int, split: str) -> torch.Tensor:
         """Per-sample losses [M, n_split]."""
         out, y = self.outputs(step, split), self.targets(split)
-        fn = per_sample_loss(self.ctx.loss)
+        fn = self.ctx.per_sample_loss()
         return torch.stack([fn(out[m], y[m]) for m in range(len(out))])
 
     @torch.no_grad()

@@ -33,7 +33,6 @@ from gentrace.moments.engine import MomentsEngine, probe_moments
 from gentrace.record.base import Batch, Probe, RunContext, StepInfo
 from gentrace.store import schema
 from gentrace.store.writer import RowBlock
-from gentrace.task.losses import per_sample_loss
 
 # Samples per forward/backward of the probe pass (the moments do not depend on it).
 PROBE_BATCH = 256
@@ -48,20 +47,26 @@ class GradMomentsProbe(Probe):
         super().__init__(ctx)
         rec = ctx.record.grad_moments
         self.source = rec.source
-        steps = set(every_steps(rec.every_steps, ctx.timeline)) | set(every_epochs(rec.every_epochs, ctx.timeline))
-        if self.source == "train-batches":
-            steps.discard(0)  # no batch has been seen at initialization
-        self.steps = steps
+        self.steps = self.schedule()
         self.samples = rec.samples or int(ctx.data.x_train.shape[1])
         self.engines = [MomentsEngine(model) for model in ctx.models]
         self.shapes = {n: tuple(p.shape) for n, p in ctx.models[0].named_parameters() if p.requires_grad}
-        self._loss = per_sample_loss(ctx.loss)
+        self._loss = ctx.per_sample_loss()
         self._seen = np.zeros(len(ctx.models), np.int64)
         self._loss_sum = np.zeros(len(ctx.models), np.float64)
         self._restored = False
         self.dist = ctx.dist
         # train-batches under torchrun: steps where rank 0 may write a checkpoint holding our partial sums
         self.sync_steps = set(every_epochs(ctx.record.params.every_epochs, ctx.timeline))
+
+    def schedule(self) -> set[int]:
+        """Every `every_steps` steps and every `every_epochs` epochs; train-batches skips step 0."""
+        rec, tl = self.ctx.record.grad_moments, self.ctx.timeline
+        steps = set(every_steps(rec.every_steps, tl)) | set(every_epochs(rec.every_epochs, tl))
+        if self.source == "train-batches":
+            steps.discard(0)  # no batch has been seen at initialization
+        self.sync_steps = set(every_epochs(self.ctx.record.params.every_epochs, tl))
+        return steps
 
     def streams(self) -> list[schema.StreamSpec]:
         """One `grad` stream with a row per recorded step."""

@@ -41,8 +41,12 @@ class LipschitzFineProbe(Probe):
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
-        self.steps = set(every_steps(ctx.record.lipschitz_fine.every_steps, ctx.timeline)) - {0}
+        self.steps = self.schedule()
         self._norms: torch.Tensor | None = None  # [M, B] of the current step
+
+    def schedule(self) -> set[int]:
+        """Every `every_steps` optimizer steps (not step 0: no batch has been seen)."""
+        return set(every_steps(self.ctx.record.lipschitz_fine.every_steps, self.ctx.timeline)) - {0}
 
     def streams(self) -> list[schema.StreamSpec]:
         """One row per measured step."""
@@ -56,25 +60,27 @@ class LipschitzFineProbe(Probe):
         """Several outputs: one backward of the predicted-class logits to the input."""
         if batch.step not in self.steps or self.ctx.loss != "cross_entropy":
             return
-        x, outputs = batch.x, batch.outputs
+        outputs = batch.outputs
         picked = torch.stack([out.gather(1, out.argmax(1, keepdim=True)).sum() for out in outputs]).sum()
         # not the loss: `record.grad_moments.source = 'train-batches'` hooks must wait for the loss backward
         with not_the_loss():
-            (grad,) = torch.autograd.grad(picked, [x], retain_graph=True)
-        self._norms = grad.flatten(2).norm(dim=2)
+            grads = torch.autograd.grad(picked, batch.leaves, retain_graph=True)
+        self._norms = batch.input_norms(list(grads))
 
     def after_backward(self, batch: Batch) -> None:
         """One output: divide the loss's input gradient by the loss's output derivative."""
         if batch.step not in self.steps or self.ctx.loss == "cross_entropy":
             return
-        x, outputs, y = batch.x, batch.outputs, batch.y
-        assert x.grad is not None
+        outputs, y = batch.outputs, batch.y
+        if y is None:
+            return  # a user's loop that did not hand over its targets: no value at this step
         with torch.no_grad():
-            f = torch.stack([out.squeeze(-1) for out in outputs])  # [M, B]
+            f = torch.stack([out.detach().float().squeeze(-1) for out in outputs])  # [M, B]
             target = y.to(f.dtype)
             dloss = 2 * (f - target) if self.ctx.loss == "mse" else torch.sigmoid(f) - target
             # the loss's per-sample weight is 1 / B alone, world / B under torchrun: undo it
-            norms = batch.per_sample_scale * x.grad.flatten(2).norm(dim=2) / dloss.abs()
+            grads = batch.input_norms([leaf.grad for leaf in batch.leaves])
+            norms = batch.per_sample_scale * grads / dloss.abs()
             self._norms = torch.where(dloss != 0, norms, torch.full_like(norms, float("nan")))
 
     def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:

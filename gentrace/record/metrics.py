@@ -27,8 +27,12 @@ class MetricsProbe(Probe):
     def __init__(self, ctx: RunContext, evaluator: Evaluator) -> None:
         super().__init__(ctx)
         self.evaluator = evaluator
-        self.steps = set(eval_steps(ctx.record.eval_every_steps, ctx.timeline))
+        self.steps = self.schedule()
         self.lr = ctx.lr
+
+    def schedule(self) -> set[int]:
+        """Step 0, then every epoch or every `eval_every_steps` steps."""
+        return set(eval_steps(self.ctx.record.eval_every_steps, self.ctx.timeline))
 
     def streams(self) -> list[schema.StreamSpec]:
         """One `metrics` stream with a row per eval step."""

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from gentrace.core.schedules import every_epochs, every_steps
+from gentrace.core.schedules import Timeline, every_epochs, every_steps
 from gentrace.record.base import Checkpointed, Emitted, Probe, RunContext, host
 from gentrace.store import schema
 from gentrace.store.writer import RowBlock
@@ -25,13 +25,19 @@ class TensorSnapshotProbe(Probe):
     """Writes `<stream>/<tensor> [S, M, *shape]` float32 and `<stream>/step`, `<stream>/epoch` [S]."""
 
     def __init__(
-        self, ctx: RunContext, stream: str, names: Sequence[str], steps: Sequence[int], checkpoints: bool
+        self,
+        ctx: RunContext,
+        stream: str,
+        names: Sequence[str],
+        steps: Callable[[Timeline], Sequence[int]],
+        checkpoints: bool,
     ) -> None:
         super().__init__(ctx)
         self.name = stream
         self.stream = schema.TENSOR_STREAMS[stream]
         self.names = list(names)
-        self.steps = set(steps)
+        self._schedule = steps
+        self.steps = self.schedule()
         self.checkpoints = checkpoints
         params = dict(ctx.models[0].named_parameters())
         self.shapes = {name: tuple(params[name].shape) for name in self.names}
@@ -43,6 +49,10 @@ class TensorSnapshotProbe(Probe):
         self.buffer_limit = self.stream_spec.arrays[0].rows_per_chunk
         self.checkpoint_every_s = ctx.record.checkpoint_every_s
         self._last_checkpoint = -math.inf
+
+    def schedule(self) -> set[int]:
+        """The snapshot steps of the stream's cadence."""
+        return set(self._schedule(self.ctx.timeline))
 
     def streams(self) -> list[schema.StreamSpec]:
         """One stream, one row per snapshot step."""
@@ -79,7 +89,7 @@ def params_probe(ctx: RunContext) -> TensorSnapshotProbe | None:
         return None
     names = resolve_names(ctx.models[0], rec.names, "record.params.names")
     return TensorSnapshotProbe(
-        ctx, schema.PARAMS.name, names, every_epochs(rec.every_epochs, ctx.timeline), checkpoints=True
+        ctx, schema.PARAMS.name, names, lambda tl: every_epochs(rec.every_epochs, tl), checkpoints=True
     )
 
 
@@ -89,5 +99,6 @@ def params_fine_probe(ctx: RunContext) -> TensorSnapshotProbe | None:
     if rec.every_steps == 0 or not rec.names:
         return None
     names = resolve_names(ctx.models[0], rec.names, "record.params_fine.names")
-    steps = every_steps(rec.every_steps, ctx.timeline)
-    return TensorSnapshotProbe(ctx, schema.PARAMS_FINE.name, names, steps, checkpoints=False)
+    return TensorSnapshotProbe(
+        ctx, schema.PARAMS_FINE.name, names, lambda tl: every_steps(rec.every_steps, tl), checkpoints=False
+    )

@@ -24,8 +24,7 @@ class PredictionsProbe(Probe):
         super().__init__(ctx)
         self.evaluator = evaluator
         self.splits = list(ctx.record.predictions.splits)
-        rec = ctx.record.predictions
-        self.steps = set(every_epochs(rec.every_epochs, ctx.timeline)) | set(every_steps(rec.every_steps, ctx.timeline))
+        self.steps = self.schedule()
         self.regression = ctx.data.num_classes == 0  # regression sets have no classes
 
     @staticmethod
@@ -33,6 +32,11 @@ class PredictionsProbe(Probe):
         """Whether the config records predictions at all."""
         rec = ctx.record.predictions
         return bool(rec.every_epochs or rec.every_steps) and bool(rec.splits)
+
+    def schedule(self) -> set[int]:
+        """Every `every_epochs` epochs and every `every_steps` steps."""
+        rec, tl = self.ctx.record.predictions, self.ctx.timeline
+        return set(every_epochs(rec.every_epochs, tl)) | set(every_steps(rec.every_steps, tl))
 
     def streams(self) -> list[schema.StreamSpec]:
         """One `preds` stream with a row per recorded epoch."""

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 from torch.utils.hooks import RemovableHandle
 
+from gentrace.core.schedules import Timeline
 from gentrace.record.activations import activations_probe
 from gentrace.record.base import Batch, Checkpointed, Checkpointer, Emitted, Probe, RunContext, StepInfo
 from gentrace.record.evaluator import Evaluator
@@ -122,6 +123,15 @@ class Recorder:
         """Tell every probe how many rows of its streams are kept."""
         for probe in self.probes:
             probe.resume(rows)
+
+    def extend(self, timeline: Timeline) -> None:
+        """The run goes on past its planned steps (gentrace.Run): every probe takes the steps of `timeline`.
+
+        Rows already written stay; the writer grows the arrays as rows arrive past their preallocated length.
+        """
+        self.ctx.timeline = timeline
+        for probe in self.probes:
+            probe.steps = probe.schedule()
 
     def attach(self, writer: RowSink | None) -> Recorder:
         """Send rows to `writer` (started here); None on the ranks other than 0 of torchrun, which drop their rows.

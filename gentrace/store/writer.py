@@ -79,6 +79,14 @@ class _Finish:
     status: str
     resize: bool
     final_status: Callable[[str], str] | None = None
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Barrier:
+    """Set once every block queued before it is committed (or the writer has failed)."""
+
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -291,7 +299,9 @@ class StoreWriter:
         self._checkpoint_step = attrs.get(schema.CHECKPOINT_ATTR)
         # Chunk files written for rows not yet committed: deleted after a failure, to free a full disk.
         self._uncommitted: list[Path] = []
-        self._queue: queue.Queue[RowBlock | _Finish | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[RowBlock | _Finish | _Barrier | None] = queue.Queue(maxsize=queue_size)
+        # How the failure message says to continue: `gentrace record --resume` unless the loop is the user's.
+        self.resume_hint = f"`gentrace record --resume --out {path}`"
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._direct: dict[str, str | None] = {}
@@ -363,13 +373,35 @@ class StoreWriter:
         """Queue a block; blocks while the queue is full; re-raises a writer failure."""
         self._enqueue(block)
 
-    def close(self, status: str, final_status: Callable[[str], str] | None = None) -> None:
+    def wait(self) -> None:
+        """Block until every block queued so far is written and committed; re-raises a writer failure.
+
+        A user's loop calls it before it saves its own checkpoint (gentrace.Run.state_dict), so the
+        store holds every row up to that step when the checkpoint exists.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            self._raise_if_failed()
+            return
+        barrier = _Barrier()
+        self._enqueue(barrier)
+        while not barrier.done.wait(0.2):
+            if not self._thread.is_alive():
+                break
+        self._raise_if_failed()
+
+    def close(
+        self,
+        status: str,
+        final_status: Callable[[str], str] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> None:
         """Write everything queued, set `status` (resizing arrays to committed on `complete`), release.
 
         `final_status`, when given, is asked at the moment the status is written (it turns a
-        `complete` into `interrupted` when Ctrl-C came during the close).
+        `complete` into `interrupted` when Ctrl-C came during the close). `attrs` are root attributes
+        written in the same atomic rewrite as the status.
         """
-        finish = _Finish(status, resize=status == "complete", final_status=final_status)
+        finish = _Finish(status, resize=status == "complete", final_status=final_status, attrs=dict(attrs or {}))
         try:
             if self._thread is not None and self._thread.is_alive():
                 # The thread drains the queue even after a failure, so these puts never hang.
@@ -411,7 +443,7 @@ class StoreWriter:
         except WriterError:
             self._lock.release()
 
-    def _enqueue(self, item: RowBlock | _Finish | None, check: bool = True) -> None:
+    def _enqueue(self, item: RowBlock | _Finish | _Barrier | None, check: bool = True) -> None:
         while True:
             if check:
                 self._raise_if_failed()
@@ -428,7 +460,7 @@ class StoreWriter:
     def _message(self) -> str:
         """One line on the writer's failure: the file, why, how much room the run needs, how to continue."""
         error = self._error
-        resume = f"`gentrace record --resume --out {self.path}`"
+        resume = self.resume_hint
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             target = Path(error.filename or self.path)
             free = shutil.disk_usage(_existing_parent(target)).free
@@ -458,6 +490,14 @@ class StoreWriter:
                 items.append(self._queue.get_nowait())
             pending: list[RowBlock] = []
             for item in items:
+                if isinstance(item, _Barrier):
+                    if self._error is None:
+                        try:
+                            self._write_and_commit(pending)
+                        except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                            self._error = exc
+                    item.done.set()
+                    continue
                 if item is None or self._error is not None:
                     continue  # on error, drain: the training thread sees it at its next put
                 try:
@@ -571,7 +611,7 @@ class StoreWriter:
                         self._arrays.pop(path)
                         _delete_chunks_from(self.path / path, -(-rows // int(array.chunks[0])))
         status = item.final_status(item.status) if item.final_status is not None else item.status
-        self.write_attrs({**self._commit_attrs(), "status": status, "finished": now()})
+        self.write_attrs({**item.attrs, **self._commit_attrs(), "status": status, "finished": now()})
 
     def _row_chunks(self, path: str) -> str | None:
         """The codec of an array whose chunks are whole rows (the direct path), else None.

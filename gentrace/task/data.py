@@ -503,3 +503,55 @@ def _load_cifar10(root: Path, download: bool) -> tuple[torch.Tensor, torch.Tenso
     x_tr, y_tr = read([name for name, _md5 in CIFAR10.train_list])
     x_te, y_te = read([name for name, _md5 in CIFAR10.test_list])
     return x_tr, y_tr, x_te, y_te
+
+
+def from_splits(train: object, test: object, replicates: int, key: str = "gentrace.Run") -> Dataset:
+    """A data set given in code (gentrace.Run): the training split(s) and the test split the probes evaluate.
+
+    Args:
+        train: one split for every replicate, or a list of `replicates` splits of one length (each an
+            (x, y) pair of tensors or arrays, or a map-style Dataset of (x, y) items, stacked here).
+        test: the test split, shared by every replicate.
+        replicates: M, the models recorded side by side.
+        key: what the errors name (the argument of the call).
+
+    Inputs become float32 (uint8 ones scaled to [0, 1], as images are). Integer (or bool) labels are
+    classes 0..K-1 (K = the largest label + 1 of both splits); float labels are regression targets.
+    `train_index` / `test_index` number the samples of the given splits (0..n-1).
+    """
+    per_replicate = list(train) if isinstance(train, list) and len(train) == replicates and replicates > 1 else None
+    parts = [_factory_split(t, "train", f"{key} train") for t in per_replicate] if per_replicate else None
+    x_tr, y_tr = parts[0] if parts else _factory_split(train, "train", f"{key} train")
+    x_te, y_te = _factory_split(test, "test", f"{key} test")
+    xs, ys = ([p[0] for p in parts], [p[1] for p in parts]) if parts else ([x_tr] * replicates, [y_tr] * replicates)
+    if any(x.shape != x_tr.shape for x in xs):
+        raise ConfigError(f"{key} train: the replicates' training splits differ in shape; give them one length")
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise ConfigError(
+            f"{key}: train inputs have shape {tuple(x_tr.shape[1:])} per sample but test inputs "
+            f"{tuple(x_te.shape[1:])}; both splits need the same input shape"
+        )
+    regression = y_tr.is_floating_point() or y_te.is_floating_point()
+    if regression:
+        labels_tr, label_te = [y.to(torch.float32) for y in ys], y_te.to(torch.float32)
+        classes = 0
+    else:
+        labels_tr = [torch.from_numpy(_factory_classes(y, key, "train")) for y in ys]
+        label_te = torch.from_numpy(_factory_classes(y_te, key, "test"))
+        classes = int(max(max(int(y.max()) for y in labels_tr), int(label_te.max()))) + 1
+
+    def real(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+
+    n = len(x_tr)
+    return Dataset(
+        x_train=torch.stack([real(x) for x in xs]),
+        y_train=torch.stack(labels_tr),
+        x_test=real(x_te),
+        y_test=label_te,
+        train_index=np.tile(np.arange(n, dtype=np.int64), (replicates, 1)),
+        test_index=np.arange(len(x_te), dtype=np.int64),
+        noise_mask=np.zeros((replicates, n), dtype=bool),
+        num_classes=classes,
+        input_shape=tuple(int(s) for s in x_tr.shape[1:]),
+    )
