@@ -123,10 +123,12 @@ def test_plain_loop_store_equals_gentrace_record(tmp_path: Path, source: str) ->
     mine = plain_loop(cfg, tmp_path / "own.zarr")
     assert_same_stores(reference, mine)
     attrs = store_attrs(mine)
-    assert attrs["status"] == "complete" and attrs["own_loop"]["recorded_by"] == "gentrace.Run"
+    assert attrs["status"] == "complete"
+    assert attrs["own_loop"]["recorded_by"] == "gentrace.Run"
     assert attrs["total_steps"] == store_attrs(reference)["total_steps"]
     reader = StoreReader(mine)
-    assert reader.has(schema.LIPSCHITZ_FINE.name) and reader.committed(schema.GRAD.name) > 0
+    assert reader.has(schema.LIPSCHITZ_FINE.name)
+    assert reader.committed(schema.GRAD.name) > 0
 
 
 def test_every_analysis_but_the_replays_runs_on_an_own_store(tmp_path: Path) -> None:
@@ -185,6 +187,21 @@ def one_step(run: gentrace.Run, model: torch.nn.Module, opt: torch.optim.Optimiz
     run.step(loss if value is None else torch.tensor(value), y)
 
 
+def record_steps(
+    run: gentrace.Run,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    values: list[float | None],
+    then: Any = None,
+) -> None:
+    """Steps with the batch loss, or the given loss value where not None; then `then()` inside the run."""
+    with run:
+        for value in values:
+            one_step(run, model, opt, value)
+        if then is not None:
+            then()
+
+
 def test_step_outside_with_is_one_line_error(tmp_path: Path) -> None:
     run, model, opt = tiny_run(tmp_path)
     with pytest.raises(GentraceError, match=r"outside `with run:`; put the training loop inside"):
@@ -197,7 +214,8 @@ def test_more_steps_than_planned_grow_the_arrays(tmp_path: Path) -> None:
         for _ in range(10):  # 2 epochs x 3 steps planned; 10 steps taken (4 epochs begun)
             one_step(run, model, opt)
     attrs = store_attrs(tmp_path / "s.zarr")
-    assert attrs["status"] == "complete" and attrs["total_steps"] == 10
+    assert attrs["status"] == "complete"
+    assert attrs["total_steps"] == 10
     assert attrs["config"]["train"]["epochs"] == 4
     reader = StoreReader(tmp_path / "s.zarr")
     np.testing.assert_array_equal(reader.array(schema.METRICS_FINE.step), np.arange(1, 11))
@@ -208,38 +226,40 @@ def test_more_steps_than_planned_grow_the_arrays(tmp_path: Path) -> None:
 
 def test_parameters_that_change_shape_are_refused(tmp_path: Path) -> None:
     run, model, opt = tiny_run(tmp_path)
+
+    def reshape_and_step() -> None:
+        model[2].weight.data = torch.zeros(4, 8)
+        run.step()
+
     with pytest.raises(GentraceError, match=r"parameter 2.weight changed shape from \(3, 8\) to \(4, 8\)"):
-        with run:
-            one_step(run, model, opt)
-            model[2].weight.data = torch.zeros(4, 8)
-            run.step()
+        record_steps(run, model, opt, [None], then=reshape_and_step)
     assert store_attrs(tmp_path / "s.zarr")["status"] == "failed"
 
 
 def test_nan_loss_marks_diverged_or_records_on(tmp_path: Path) -> None:
     run, model, opt = tiny_run(tmp_path)
     with pytest.raises(TrainingDiverged, match=r"the loss became nan at step 2 .*on_nan='continue'"):
-        with run:
-            one_step(run, model, opt)
-            one_step(run, model, opt, value=float("nan"))
+        record_steps(run, model, opt, [None, float("nan")])
     attrs = store_attrs(tmp_path / "s.zarr")
-    assert attrs["status"] == "diverged" and attrs["committed"][schema.METRICS_FINE.name] == 1  # as record: no NaN row
+    assert attrs["status"] == "diverged"
+    assert attrs["committed"][schema.METRICS_FINE.name] == 1  # as `gentrace record`: the NaN step has no row
     run, model, opt = tiny_run(tmp_path, on_nan="continue", overwrite=True)
-    with run:
-        for i in range(6):
-            one_step(run, model, opt, value=float("nan") if i == 2 else None)
+    record_steps(run, model, opt, [None, None, float("nan"), None, None, None])
     attrs = store_attrs(tmp_path / "s.zarr")
-    assert attrs["status"] == "diverged" and attrs["diverged_at_step"] == 3
+    assert attrs["status"] == "diverged"
+    assert attrs["diverged_at_step"] == 3
     assert attrs["committed"][schema.METRICS_FINE.name] == 6
 
 
 def test_exception_and_interrupt_inside_with_mark_the_store_and_reraise(tmp_path: Path) -> None:
     for error, status in ((RuntimeError("boom"), "failed"), (KeyboardInterrupt(), "interrupted")):
         run, model, opt = tiny_run(tmp_path, overwrite=True)
+
+        def fail(error: BaseException = error) -> None:
+            raise error
+
         with pytest.raises(type(error)):
-            with run:
-                one_step(run, model, opt)
-                raise error
+            record_steps(run, model, opt, [None], then=fail)
         attrs = store_attrs(tmp_path / "s.zarr")
         assert attrs["status"] == status
         assert attrs["committed"][schema.METRICS_FINE.name] == 1
@@ -264,18 +284,18 @@ def test_resume_without_state_and_accumulation_are_refused(tmp_path: Path) -> No
         one_step(run, model, opt)
     again, model, opt = tiny_run(tmp_path, resume=True)
     with pytest.raises(GentraceError, match=r"call run.load_state_dict\(saved\)"):
-        with again:
-            pass
+        record_steps(again, model, opt, [])
     run, model, opt = tiny_run(
         tmp_path, overwrite=True, record={"grad_moments": {"source": "train-batches", "every_steps": 1}}
     )
+
+    def accumulate() -> None:
+        x, y = torch.randn(8, 4), torch.arange(8) % 3
+        opt.zero_grad()
+        (torch.nn.functional.cross_entropy(model(x), y) + torch.nn.functional.cross_entropy(model(x), y)).backward()
+
     with pytest.raises(GentraceError, match=r"ran 2 training forwards in one step"):
-        with run:
-            x, y = torch.randn(8, 4), torch.arange(8) % 3
-            opt.zero_grad()
-            (torch.nn.functional.cross_entropy(model(x), y) + torch.nn.functional.cross_entropy(model(x), y)).backward()
-            opt.step()
-            run.step()
+        record_steps(run, model, opt, [], then=accumulate)
 
 
 def test_bad_arguments_are_config_errors(tmp_path: Path) -> None:
