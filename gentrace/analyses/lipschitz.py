@@ -4,7 +4,8 @@ Loukas et al., "What training reveals about neural network complexity" (NeurIPS 
 shared/papers/bth-lipschitz-training-dynamics.txt, section 1.1): a ReLU network is piecewise linear,
 so its Lipschitz constant on the linear region that contains x is the norm of its input gradient at x.
 For each parameter snapshot (`params` stream row, replicate m; the network rebuilt from the stored
-config and loaded with that row by gentrace.analyses.replay, in eval mode) and each point x (SPEC section 5):
+config, or the one given as `model`, loaded with that row by gentrace.analyses.replay, in eval mode) and
+each point x (SPEC section 5):
 
     L(x) = ||d f(x) / d x||_2                 one output (mse, bce): the output itself
     L(x) = ||d f_c(x) / d x||_2,  c = argmax_k f_k(x)   several outputs: the predicted-class logit
@@ -21,7 +22,8 @@ as many backward), where the batched version is bound by the same arithmetic (be
 
 Points (`where`), per replicate m, the same for every snapshot:
 
-- `train`: the replicate's n training inputs (the data set rebuilt from the stored config).
+- `train`: the replicate's n training inputs (stored with `record.inputs`, else the data set rebuilt from
+  the stored config).
 - `test`: the n_test test inputs.
 - `far-gaussian`: n samples of N(mu, FAR_SCALE^2 * Sigma), mu and Sigma the mean and covariance of the
   replicate's flattened training inputs: the data's Gaussian fit, scaled out 3x around its mean.
@@ -235,6 +237,7 @@ def run(
     quantiles: Sequence[float] = (0.1, 0.5, 0.9, 1.0),
     jacobian: bool = False,
     device: str | None = None,
+    model: nn.Module | None = None,
 ) -> pd.DataFrame:
     """Local Lipschitz statistics of every parameter snapshot (SPEC section 5, `gentrace analyze lipschitz`).
 
@@ -245,6 +248,9 @@ def run(
         quantiles: levels in [0, 1], one column each (0.1 -> q10, 1.0 -> max).
         jacobian: spectral norm of the input Jacobian instead of the predicted-class logit's gradient.
         device: "cpu", "cuda", "cuda:N"; None or "auto": cuda when available, else cpu.
+        model: the run's network, given in code (from Python only; a store of gentrace.Run with
+            `model.arch = "own"` needs it): a copy of it is loaded with each snapshot instead of the network
+            rebuilt from the stored config (gentrace.analyses.replay).
 
     Returns:
         step, epoch, replicate, where, the quantile columns, mean, n; one row per snapshot, replicate
@@ -252,23 +258,24 @@ def run(
 
     Raises:
         MissingStreamError: the run recorded no parameter snapshots.
-        AnalysisInputError: unknown `where`, a quantile outside [0, 1], or snapshots of only some tensors.
+        AnalysisInputError: unknown `where`, a quantile outside [0, 1], snapshots of only some tensors (or not
+            of `model`'s), or a network or inputs given in code that the store cannot rebuild.
         ConfigError: a device that is not one of those, or a GPU that torch does not see.
     """
     groups = groups_of(where)
     quantile_columns(quantiles)  # fail on bad levels before the slow part
     reader.require(schema.PARAMS)
     dev = torch.device(resolve_device(device))  # a device that is not there is refused before the slow part
-    replay = Replay(reader, "lipschitz")
-    model = replay.model().to(dev).eval()
-    model.requires_grad_(False)  # input gradients only
+    replay = Replay(reader, "lipschitz", model)
+    net = replay.model().to(dev).eval()
+    net.requires_grad_(False)  # input gradients only
     steps = replay.steps  # read once: a live run may commit more rows while this runs
     epochs = epochs_of(reader, steps)
     points = [{w: torch.from_numpy(x).to(dev) for w, x in p.items()} for p in _points(replay, groups)]
     frames = []
     for g in range(len(steps)):
         for m, sets in enumerate(points):
-            replay.load(model, g, m)
-            values = {w: input_gradient_norms(model, x, jacobian=jacobian).cpu().numpy() for w, x in sets.items()}
+            replay.load(net, g, m)
+            values = {w: input_gradient_norms(net, x, jacobian=jacobian).cpu().numpy() for w, x in sets.items()}
             frames.append(compute(values, int(steps[g]), int(epochs[g]), m, quantiles))
     return pd.concat(frames, ignore_index=True)

@@ -16,11 +16,12 @@ Nakkiran et al. 2019 (shared/papers/sgd-increasing-complexity-mutual-information
   128, CNN_EPOCHS epochs, cross-entropy) on replicate m's training inputs labelled by the network's
   predictions at the last recorded step; seeded by `model.seed`. Image data only.
 
-The data set is rebuilt from the stored config and checked against the stored `data/train_index` and
-`data/test_index` (gentrace.analyses.replay), so the reference predicts exactly the samples the run's
-predictions cover. Each reference is stored as `derived/mi/<reference>/<split>` [M, n_split]
-int16 (gentrace.store.schema.mi_reference_array) with attrs naming the step it was fitted on; a
-cached array whose step no longer matches the store (a resumed run) is recomputed.
+The inputs are the stored ones (`record.inputs`), or the data set rebuilt from the stored config and
+checked against the stored `data/train_index` and `data/test_index` (gentrace.analyses.replay), so the
+reference predicts exactly the samples the run's predictions cover. Each reference is stored as
+`derived/mi/<reference>/<split>` [M, n_split] int16 (gentrace.store.schema.mi_reference_array) with
+attrs naming the step it was fitted on; a cached array whose step no longer matches the store (a
+resumed run) is recomputed.
 
 Caching. The arrays are written with plain zarr while holding the store's writer lock (StoreLock),
 so they never race a live `record`. When the lock is held by a live run, or the store directory is
@@ -148,7 +149,7 @@ def _target_step(reader: StoreReader, name: str) -> list[int]:
 def _fit(reader: StoreReader, name: str, fitted_on: list[int]) -> dict[str, np.ndarray]:
     """Fit the reference per replicate; predictions {split: [M, n_split] int64} on both splits."""
     replay = Replay(reader, "mi")
-    replay.data()  # rebuilt and checked against the store before anything is read or fitted
+    replay.data()  # read (or rebuilt and checked against the store) before anything is fitted
     k = int(reader.attrs["num_classes"])
     steps = list(np.asarray(reader.array(schema.PREDS.step)))
     train_labels = reader.array(schema.DATA.labels_train)

@@ -431,6 +431,23 @@ def input_arrays(x_train: np.ndarray, x_test: np.ndarray) -> dict[str, np.ndarra
     return {DATA.x_train: np.asarray(x_train, dtype=np.float32), DATA.x_test: np.asarray(x_test, dtype=np.float32)}
 
 
+def static_array(path: str, values: np.ndarray) -> ArraySpec:
+    """The spec of a static `data/` array `values: [N, *row_shape]`, written whole at creation.
+
+    At most CHUNK_TARGET_BYTES: one chunk (the indices and labels). Larger (the inputs of `record.inputs`,
+    up to hundreds of MB): chunks of whole rows holding at most CHUNK_TARGET_BYTES, so a reader of a few
+    samples decodes a few chunks, not the whole set; a single row above that is split along its next axis
+    by `ArraySpec.chunks` (x_train [M, n, ...]: blocks of samples). The inputs are float data: the float
+    streams' codec.
+    """
+    rows = max(1, len(values))
+    if values.nbytes > CHUNK_TARGET_BYTES:
+        row_bytes = max(1, math.prod(values.shape[1:]) * values.dtype.itemsize)
+        rows = max(1, min(rows, CHUNK_TARGET_BYTES // row_bytes))
+    codec = "float" if path in (DATA.x_train, DATA.x_test) else "index"
+    return ArraySpec(path, tuple(values.shape[1:]), values.dtype.name, codec, rows)
+
+
 def metrics_stream(rows: int, replicates: int) -> StreamSpec:
     """`metrics/`: step, epoch [R]; train/test loss and accuracy [R, M]; lr [R]."""
     r = _small_chunk(rows)

@@ -155,8 +155,7 @@ def create_store(
         )
         root = zarr.open_group(LocalStore(path), mode="r+", zarr_format=3)
         for name, values in static.items():
-            spec = schema.ArraySpec(name, values.shape[1:], values.dtype.name, "index", max(1, len(values)))
-            _create_array(root, spec, len(values))[...] = values
+            _create_array(root, schema.static_array(name, values), len(values))[...] = values
         writer = StoreWriter(root, lock, path)
         writer.declare(streams)
         writer.write_attrs({"status": "running"})

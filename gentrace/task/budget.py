@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gentrace.core.config import RunConfig, is_factory, is_regression
+from gentrace.core.config import RunConfig, is_external, is_regression
 from gentrace.core.errors import ConfigError
 from gentrace.core.schedules import timeline
 from gentrace.store import schema
@@ -233,6 +233,10 @@ def store_parts(cfg: RunConfig) -> list[Part]:
         for s in rows
         if rows[s]
     ]
+    if rec.inputs:  # data/x_train, data/x_test float32; image pixels take few values and compress like integers
+        per_value = F32 / INT_COMPRESSION if cfg.data.name in IMAGE_SHAPES else F32
+        values = (m * n + n_test) * math.prod(input_shape(cfg))
+        parts.append(Part("stored inputs (record.inputs)", int(values * per_value), _data_key(cfg)))
     if rows[PARAMS]:  # every parameter snapshot can carry one; the newest CHECKPOINTS_KEPT stay
         checkpoints = CHECKPOINTS_KEPT * m * p * F32 * (1 + optimizer_slots)
         parts.append(Part("resume checkpoints", checkpoints, _model_key(cfg)))
@@ -372,8 +376,8 @@ def check_many(cfgs: Sequence[RunConfig], out: Path, *, gpu: bool = False, what:
     Raises:
         ConfigError: naming the key to lower (or `what`, the sweep's grid, when only the sum is too large).
     """
-    # a factory's model or data is known only once it is built: `gentrace check` measures those runs instead
-    cfgs = [cfg for cfg in cfgs if not (is_factory(cfg.model.arch) or is_factory(cfg.data.name))]
+    # a factory's (or own) model or data is known only once it is built: `gentrace check` measures those runs instead
+    cfgs = [cfg for cfg in cfgs if not (is_external(cfg.model.arch) or is_external(cfg.data.name))]
     ram = physical_memory()
     for cfg in cfgs:
         parts = memory_parts(cfg, gpu=gpu)

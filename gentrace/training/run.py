@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from gentrace import __version__
-from gentrace.core.config import RunConfig, from_dict, to_dict
+from gentrace.core.config import RecordConfig, RunConfig, from_dict, to_dict
 from gentrace.core.errors import ConfigError, PeerFailed, StoreError, TrainingDiverged
 from gentrace.record.base import RunContext
 from gentrace.record.ranks import Dist
@@ -134,10 +134,18 @@ def _attrs(cfg: RunConfig, trainer: Trainer, data: Dataset, device: torch.device
     }
 
 
-def _static(data: Dataset) -> dict[str, np.ndarray]:
-    return schema.data_arrays(
+def static_arrays(data: Dataset, record: RecordConfig) -> dict[str, np.ndarray]:
+    """The static `data/` arrays of a run on `data`: path -> array, written once when the store is created.
+
+    The indices, labels and noise mask (schema.data_arrays), and with `record.inputs` the inputs themselves
+    (schema.input_arrays: `data/x_train` [M, n, *input_shape], `data/x_test` [n_test, *input_shape] float32).
+    """
+    arrays = schema.data_arrays(
         data.train_index, data.test_index, data.y_train.cpu().numpy(), data.y_test.cpu().numpy(), data.noise_mask
     )
+    if record.inputs:
+        arrays |= schema.input_arrays(data.x_train.cpu().numpy(), data.x_test.cpu().numpy())
+    return arrays
 
 
 def record(
@@ -170,7 +178,7 @@ def _start_new(
 ) -> None:
     """Create the store (Ctrl-C held until it exists whole) and train into it from step 0."""
     trainer, recorder, data = prepare(cfg, dev, dist)
-    static = {**_static(data), **recorder.static()}
+    static = {**static_arrays(data, cfg.record), **recorder.static()}
     attrs = _attrs(cfg, trainer, data, dev)
     writer = _open_whole(
         path, dist, dev, lambda: create_store(path, attrs, recorder.streams(), static, overwrite=overwrite)
