@@ -113,7 +113,13 @@ class GentraceCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Open the run: the module, its data, its first optimizer, Lightning's step grid."""
         train = self.train if self.train is not None else _dataset(trainer.train_dataloader, "train")
-        test = self.test if self.test is not None else _dataset(trainer.val_dataloaders, "test")
+        test = self.test
+        if test is None:
+            loaders = trainer.val_dataloaders
+            module = trainer.datamodule
+            if loaders is None and module is not None and hasattr(module, "val_dataloader"):
+                loaders = module.val_dataloader()
+            test = _dataset(loaders, "test")
         if train is None or test is None:
             raise ConfigError("GentraceCallback: no validation dataloader to evaluate on; pass test= to the callback")
         if not trainer.optimizers:

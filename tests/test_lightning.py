@@ -50,13 +50,14 @@ SETS = [
 class Wrapped(pl.LightningModule):
     """The Trainer's network as a LightningModule: its layers registered under the same names (`0`, `1`, ...)."""
 
-    def __init__(self, net: nn.Sequential, lr: float, momentum: float, fail_at: int = 0) -> None:
+    def __init__(self, net: nn.Module, lr: float, momentum: float, fail_at: int = 0) -> None:
         super().__init__()
         for name, child in net.named_children():
             self.add_module(name, child)
         self.lr, self.momentum, self.fail_at = lr, momentum, fail_at
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)  # as gentrace's MLP does
         for child in self.children():
             x = child(x)
         return x
@@ -97,14 +98,14 @@ def fit(cfg: config.RunConfig, out: Path, fail_at: int = 0) -> None:
     trainer = pl.Trainer(
         max_epochs=cfg.train.epochs,
         accelerator="cpu",
-        callbacks=[GentraceCallback(out, config.to_dict(cfg.record))],
+        callbacks=[GentraceCallback(out, config.to_dict(cfg.record), test=test)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     loader = DataLoader(train, batch_sampler=TrainerOrder(order, cfg.train.batch_size))
-    trainer.fit(module, loader, DataLoader(test, batch_size=len(test)))
+    trainer.fit(module, loader)
 
 
 def test_lightning_fit_store_equals_gentrace_record(tmp_path: Path) -> None:

@@ -131,18 +131,109 @@ def test_plain_loop_store_equals_gentrace_record(tmp_path: Path, source: str) ->
     assert reader.committed(schema.GRAD.name) > 0
 
 
-def test_every_analysis_but_the_replays_runs_on_an_own_store(tmp_path: Path) -> None:
+NETS = Path(__file__).parent / "own_nets.py"
+
+
+def every_analysis(reader: StoreReader, **library: Any) -> dict[str, int]:
+    """Rows of every registered analysis' table at its default options (`library` keywords passed on)."""
     from gentrace.analyses.registry import REGISTRY
 
-    cfg = config.load(None, SETS + CADENCES["probe"])
-    store = plain_loop(cfg, tmp_path / "own.zarr")
-    reader = StoreReader(store)
-    for name in ("gsnr", "osgr", "trajectory", "paths", "mi"):
-        entry = REGISTRY[name]
+    rows = {}
+    for name, entry in REGISTRY.items():
         options = {o.name: (o.parse(o.default) if o.parse else o.default) for o in entry.options}
-        table = entry.tables(reader, options)
+        table = entry.tables(reader, options | (library if name == "lipschitz" else {}))
         frames = [table] if isinstance(table, pd.DataFrame) else list(table)
-        assert sum(len(frame) for frame in frames) > 0, name
+        rows[name] = sum(len(frame) for frame in frames)
+    return rows
+
+
+def augmented_autocast_loop(out: Path, factory: str | None) -> tuple[Path, list[torch.nn.Module]]:
+    """Digits, a small CNN, random crop and flip, bfloat16 autocast on the CPU, two models side by side."""
+    from sklearn.datasets import load_digits
+
+    sys.path.insert(0, str(NETS.parent))
+    from own_nets import small_cnn
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    train, test = [(x[:80], y[:80]), (x[80:160], y[80:160])], (x[160:220], y[160:220])
+    torch.manual_seed(0)
+    net = small_cnn((1, 8, 8), 10)
+    models = [copy.deepcopy(net), copy.deepcopy(net)]
+    opt = torch.optim.SGD([p for m in models for p in m.parameters()], lr=0.05, momentum=0.9)
+    record = {
+        "checkpoint_every_s": 0,
+        "eval_every_steps": 1,
+        "inputs": True,
+        "lipschitz_fine": {"every_steps": 2},
+        "activations": {"probe": 32},
+    }
+    run = gentrace.Run(
+        out, models, train=train, test=test, record=record, epochs=2, steps_per_epoch=4, optimizer=opt, factory=factory
+    )
+    gen = torch.Generator().manual_seed(0)
+    with run:
+        for _ in range(2):
+            for i in range(4):
+                xs, ys = [], []
+                for xm, ym in train:
+                    xb = torch.nn.functional.pad(xm[i * 20 : (i + 1) * 20], (1, 1, 1, 1))
+                    dx, dy = torch.randint(0, 3, (2,), generator=gen).tolist()
+                    xb = xb[:, :, dy : dy + 8, dx : dx + 8]  # random crop
+                    if torch.rand((), generator=gen) < 0.5:
+                        xb = xb.flip(3)  # random horizontal flip
+                    xs.append(xb)
+                    ys.append(ym[i * 20 : (i + 1) * 20])
+                opt.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    losses = [torch.nn.functional.cross_entropy(m(xs[k]), ys[k]) for k, m in enumerate(models)]
+                sum(losses).backward()  # type: ignore[union-attr]
+                opt.step()
+                run.step(losses, ys)
+    return out, models
+
+
+def test_augmented_autocast_loop_records_every_stream_and_every_analysis_runs(tmp_path: Path) -> None:
+    store, _ = augmented_autocast_loop(tmp_path / "aug.zarr", factory=f"{NETS}:small_cnn")
+    reader = StoreReader(store)
+    assert set(reader.streams()) == set(schema.STREAMS)
+    for stream in schema.STREAMS:
+        assert reader.committed(stream) > 0, stream
+    rows = every_analysis(reader)
+    assert all(count > 0 for count in rows.values()), rows
+    # the factory is stored, so the command line rebuilds the network too
+    cli = subprocess.run(
+        [sys.executable, "-m", "gentrace", "analyze", "lipschitz", str(store), "--where", "test"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.startswith("step,")
+
+
+def test_a_store_without_factory_replays_with_the_model_given_to_the_library(tmp_path: Path) -> None:
+    from gentrace.analyses import lipschitz
+
+    store, models = augmented_autocast_loop(tmp_path / "aug.zarr", factory=None)
+    table = lipschitz.run(StoreReader(store), where="test", model=models[0])
+    assert len(table) > 0
+    cli = subprocess.run(
+        [sys.executable, "-m", "gentrace", "analyze", "lipschitz", str(store)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert cli.returncode == 2
+    lines = cli.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "factory=" in lines[0]
+    assert "model=" in lines[0]
 
 
 def drive(*args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -291,6 +291,11 @@ def _resume_point(cfg: RunConfig | None, path: Path) -> _ResumePoint | None:
     back to the one before (with a warning); a store with no committed snapshot starts over.
     """
     reader = StoreReader(path, check_checkpoint=False)
+    if isinstance(reader.attrs.get("own_loop"), dict):
+        raise StoreError(
+            f"{path} was recorded by your own training loop (gentrace.Run); continue it there: "
+            "gentrace.Run(..., resume=True) and run.load_state_dict() from your checkpoint"
+        )
     stored = from_dict(reader.config)
     if cfg is not None and to_dict(cfg) != to_dict(stored):
         changed = _first_difference(to_dict(cfg), to_dict(stored))
