@@ -30,17 +30,21 @@ class DigitsMLP(pl.LightningModule):
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, 10]."""
         return self.net(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The batch's mean cross-entropy (what the callback records as the batch loss)."""
         x, y = batch
         return nn.functional.cross_entropy(self(x), y)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """The validation loss, logged."""
         x, y = batch
         self.log("val_loss", nn.functional.cross_entropy(self(x), y))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """SGD with momentum; the callback reads its lr at every step."""
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
@@ -53,6 +57,7 @@ def digits() -> tuple[TensorDataset, TensorDataset]:
 
 
 def main(out: str) -> None:
+    """Fit two epochs with the callback; print the store path."""
     torch.manual_seed(0)
     train, test = digits()
     callback = GentraceCallback(out, record={"checkpoint_every_s": 0}, overwrite=True)

@@ -116,7 +116,7 @@ class GentraceCallback(pl.Callback):
         test = self.test
         if test is None:
             loaders = trainer.val_dataloaders
-            module = trainer.datamodule
+            module = getattr(trainer, "datamodule", None)
             if loaders is None and module is not None and hasattr(module, "val_dataloader"):
                 loaders = module.val_dataloader()
             test = _dataset(loaders, "test")
