@@ -6,7 +6,10 @@ Three variants of the same config run alternately in one process, `--repeats` ti
 - off: the bare training loop (no probe, no store);
 - probes only: every probe runs (evaluations, host copies, checkpoints) but rows are dropped
   instead of written, which separates the cost of *what* is recorded from the cost of writing it;
-- on: `gentrace record` as users run it (store creation, background writer, final resize).
+- on: `gentrace record` as users run it (store creation, background writer, final resize);
+- plain loop: the same training written as a user's own loop (its own batches, optimizer, data order);
+- plain loop + Run: that loop recording through `gentrace.Run` with the config's [record] table
+  (the quick start's cadence by default): the overhead a user of the library API pays.
 
 Usage: python benchmarks/record_overhead.py [CONFIG] [--repeats 3] [--device cpu] [--set KEY=VALUE ...]
 (no CONFIG: the quick start). Target: on / off <= 1.25 on CPU, <= 1.05 on a GPU.
@@ -15,6 +18,8 @@ Usage: python benchmarks/record_overhead.py [CONFIG] [--repeats 3] [--device cpu
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import statistics
 import tempfile
 import time
@@ -22,7 +27,11 @@ from pathlib import Path
 
 import torch
 
+import gentrace
 from gentrace.core import config
+from gentrace.task.data import build_data
+from gentrace.task.models import build_model
+from gentrace.training.loop import Trainer
 from gentrace.training.run import prepare, record, resolve_device
 
 
@@ -64,6 +73,58 @@ def time_on(cfg: config.RunConfig, device: str, root: Path, i: int) -> float:
     return time.perf_counter() - t0
 
 
+def time_plain_loop(cfg: config.RunConfig, device: str, store: Path | None) -> float:
+    """A user's own loop over the config's data, model and SGD; with `store`, recorded by gentrace.Run."""
+    dev = resolve_device(device)
+    m = cfg.train.replicates
+    data = build_data(cfg.data, m)
+    net = build_model(cfg.model, data.input_shape, data.num_classes or 1)
+    models = [copy.deepcopy(net).to(dev) for _ in range(m)]
+    opt = torch.optim.SGD(
+        [p for model in models for p in model.parameters()], lr=cfg.train.lr, momentum=cfg.train.momentum
+    )
+    order = Trainer(cfg, data, models)  # the data order and lr decay of gentrace's own loop
+    x, y = data.x_train.to(dev), data.y_train.to(dev)
+    batch = cfg.train.batch_size or cfg.data.n_train
+    steps = math.ceil(cfg.data.n_train / batch)
+    run = None
+    if store is not None:
+        trains = [(data.x_train[i], data.y_train[i]) for i in range(m)]
+        run = gentrace.Run(
+            store,
+            models,
+            train=trains,
+            test=(data.x_test, data.y_test),
+            record=config.to_dict(cfg.record),
+            epochs=cfg.train.epochs,
+            steps_per_epoch=steps,
+            optimizer=opt,
+            overwrite=True,
+        )
+    t0 = time.perf_counter()
+    if run is not None:
+        run.__enter__()
+    for epoch in range(cfg.train.epochs):
+        for group in opt.param_groups:
+            group["lr"] = order.lr_at(epoch)
+        perm = order.order(epoch).to(dev)
+        for start in range(0, cfg.data.n_train, batch):
+            idx = perm[:, start : start + batch]
+            xs = [x[i][idx[i]] for i in range(m)]
+            ys = [y[i][idx[i]] for i in range(m)]
+            opt.zero_grad(set_to_none=True)
+            losses = [torch.nn.functional.cross_entropy(model(xs[i]), ys[i]) for i, model in enumerate(models)]
+            torch.stack(losses).sum().backward()
+            opt.step()
+            if run is not None:
+                run.step(losses, ys)
+    if run is not None:
+        run.__exit__(None, None, None)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", type=Path, default=None)
@@ -72,23 +133,27 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     cfg = config.load(args.config, args.overrides)
-    times: dict[str, list[float]] = {"off": [], "probes only": [], "on": []}
+    times: dict[str, list[float]] = {"off": [], "probes only": [], "on": [], "plain loop": [], "plain loop + Run": []}
     with tempfile.TemporaryDirectory() as tmp:
         time_off(cfg, args.device)  # warm-up: allocator, kernels, data set cache
         for i in range(args.repeats):
             times["off"].append(time_off(cfg, args.device))
             times["probes only"].append(time_probes_only(cfg, args.device))
             times["on"].append(time_on(cfg, args.device, Path(tmp), i))
+            times["plain loop"].append(time_plain_loop(cfg, args.device, None))
+            times["plain loop + Run"].append(time_plain_loop(cfg, args.device, Path(tmp) / f"run-{i}.zarr"))
     medians = {k: statistics.median(v) for k, v in times.items()}
     print(
         f"config: {cfg.name} ({cfg.model.arch} on {cfg.data.name}, {cfg.train.epochs} epochs, "
         f"{cfg.train.replicates} replicates), device {args.device}, torch threads {torch.get_num_threads()}"
     )
-    print(f"{'variant':<14}{'median s':>10}{'ratio to off':>14}   runs")
+    print(f"{'variant':<18}{'median s':>10}{'ratio to off':>14}   runs")
     for name, values in times.items():
         runs = " ".join(f"{t:.3f}" for t in values)
-        print(f"{name:<14}{medians[name]:>10.3f}{medians[name] / medians['off']:>14.3f}   {runs}")
+        print(f"{name:<18}{medians[name]:>10.3f}{medians[name] / medians['off']:>14.3f}   {runs}")
     print(f"overhead ratio (on / off): {medians['on'] / medians['off']:.3f}")
+    plain = medians["plain loop + Run"] / medians["plain loop"]
+    print(f"own-loop overhead ratio (plain loop + gentrace.Run / plain loop): {plain:.3f}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from gentrace.core.version import __version__
 
 __all__ = ["Run", "__version__"]
 

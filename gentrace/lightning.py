@@ -27,9 +27,7 @@ from typing import Any, Literal
 try:
     import lightning.pytorch as pl
 except ImportError as exc:  # pragma: no cover - the test suite installs the extra
-    raise ImportError(
-        "gentrace.lightning needs PyTorch Lightning: pip install 'gentrace[lightning]'"
-    ) from exc
+    raise ImportError("gentrace.lightning needs PyTorch Lightning: pip install 'gentrace[lightning]'") from exc
 
 from gentrace.core.errors import ConfigError
 from gentrace.training.own_loop import PerSampleLoss, Run

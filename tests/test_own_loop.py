@@ -407,3 +407,25 @@ def test_bad_arguments_are_config_errors(tmp_path: Path) -> None:
             record={"grad_moments": {"source": "nope"}},
         )
     assert not (tmp_path / "a.zarr").exists()
+
+
+def test_the_own_loop_example_runs_and_the_cli_analyzes_its_store(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "own_loop.py"
+    store = tmp_path / "own.zarr"
+    done = subprocess.run(
+        [sys.executable, str(example), str(store)], env=ENV, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(store)
+    assert set(StoreReader(store).streams()) == set(schema.STREAMS)
+    for name in ("gsnr", "lipschitz", "trajectory"):
+        cli = subprocess.run(
+            [sys.executable, "-m", "gentrace", "analyze", name, str(store)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert cli.returncode == 0, cli.stderr
+        assert cli.stdout.startswith("step,"), name

@@ -52,10 +52,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gentrace import __version__
 from gentrace.core.config import OWN, DataConfig, ModelConfig, RecordConfig, RunConfig, TrainConfig, from_dict, to_dict
 from gentrace.core.errors import ConfigError, GentraceError, StoreError, TrainingDiverged
 from gentrace.core.schedules import Timeline
+from gentrace.core.version import __version__
 from gentrace.record.base import Batch, RunContext, StepInfo
 from gentrace.record.recorder import Recorder
 from gentrace.store import schema

@@ -31,9 +31,9 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from gentrace import __version__
 from gentrace.core.config import RecordConfig, RunConfig, from_dict, to_dict
 from gentrace.core.errors import ConfigError, PeerFailed, StoreError, TrainingDiverged
+from gentrace.core.version import __version__
 from gentrace.record.base import RunContext
 from gentrace.record.ranks import Dist
 from gentrace.record.recorder import Recorder
