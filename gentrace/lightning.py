@@ -13,7 +13,8 @@ returned and the batch's targets (`batch[1]`, or `batch["y"]` / `batch["label"]`
 The probes evaluate on `train` and `test` when given, else on the datasets of the train and
 validation dataloaders (un-augmented sets are what the probes should see: pass them when the
 loaders augment). Resume: the callback's state goes into Lightning's checkpoints
-(`state_dict`); `trainer.fit(..., ckpt_path=...)` with `resume=True` continues the store from it.
+(`state_dict`); `trainer.fit(..., ckpt_path=...)` continues the store from the checkpoint's step
+(rows recorded after it are dropped).
 
 Install with `pip install 'gentrace[lightning]'`.
 """
@@ -73,7 +74,7 @@ class GentraceCallback(pl.Callback):
         factory: `package.module:function` that builds the module's network (stored for the CLI).
         factory_options: the factory's keyword arguments.
         on_nan: `raise` or `continue`, as gentrace.Run.
-        resume: continue the store from the state a Lightning checkpoint holds.
+        resume: continue the store (implied when Lightning restores the callback's state from `ckpt_path`).
         overwrite: replace an existing store.
     """
 
@@ -124,6 +125,9 @@ class GentraceCallback(pl.Callback):
             raise ConfigError("GentraceCallback: the module configures no optimizer; there is no training to record")
         steps = int(trainer.num_training_batches)
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        options = dict(self.options)
+        if self._saved is not None:  # a fit resumed from a Lightning checkpoint continues the store
+            options |= {"resume": True, "overwrite": False}
         self.run = Run(
             self.out,
             pl_module,
@@ -133,7 +137,7 @@ class GentraceCallback(pl.Callback):
             epochs=max_epochs,
             optimizer=trainer.optimizers[0],
             recorded_by="gentrace.lightning",
-            **self.options,
+            **options,
         )
         if self._saved is not None:
             self.run.load_state_dict(self._saved)

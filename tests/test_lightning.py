@@ -20,6 +20,7 @@ import torch
 from conftest import ENV, store_attrs
 from test_own_loop import assert_same_stores
 from torch import nn
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from gentrace.core import config
@@ -88,24 +89,36 @@ class TrainerOrder(Sampler[list[int]]):
         return math.ceil(self.trainer.cfg.data.n_train / self.batch)
 
 
-def fit(cfg: config.RunConfig, out: Path, fail_at: int = 0) -> None:
+def fit(
+    cfg: config.RunConfig,
+    out: Path,
+    fail_at: int = 0,
+    checkpoints: Path | None = None,
+    ckpt_path: Path | None = None,
+) -> None:
+    """Fit the Trainer's network with Lightning; `checkpoints`: save one each epoch there; `ckpt_path`: resume."""
     data = build_data(cfg.data, 1)
     net = build_model(cfg.model, data.input_shape, data.num_classes)
     module = Wrapped(copy.deepcopy(net), cfg.train.lr, cfg.train.momentum, fail_at)
     order = Trainer(cfg, data, [copy.deepcopy(net)])
     train = TensorDataset(data.x_train[0], data.y_train[0])
     test = TensorDataset(data.x_test, data.y_test)
+    callbacks: list[pl.Callback] = [GentraceCallback(out, config.to_dict(cfg.record), test=test)]
+    if checkpoints is not None:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoints, save_top_k=-1, every_n_epochs=1))
     trainer = pl.Trainer(
         max_epochs=cfg.train.epochs,
         accelerator="cpu",
-        callbacks=[GentraceCallback(out, config.to_dict(cfg.record), test=test)],
+        callbacks=callbacks,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpoints is not None,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    loader = DataLoader(train, batch_sampler=TrainerOrder(order, cfg.train.batch_size))
-    trainer.fit(module, loader)
+    sampler = TrainerOrder(order, cfg.train.batch_size)
+    if ckpt_path is not None:
+        sampler.epoch = int(torch.load(ckpt_path, weights_only=False)["epoch"]) + 1
+    trainer.fit(module, DataLoader(train, batch_sampler=sampler), ckpt_path=ckpt_path)
 
 
 def test_lightning_fit_store_equals_gentrace_record(tmp_path: Path) -> None:
@@ -116,6 +129,19 @@ def test_lightning_fit_store_equals_gentrace_record(tmp_path: Path) -> None:
     attrs = store_attrs(tmp_path / "lightning.zarr")
     assert attrs["own_loop"]["recorded_by"] == "gentrace.lightning"
     assert attrs["status"] == "complete"
+
+
+def test_a_fit_resumed_from_a_lightning_checkpoint_continues_the_store(tmp_path: Path) -> None:
+    cfg = config.load(None, SETS)
+    fit(cfg, tmp_path / "whole.zarr")
+    # a first fit that fails in its second epoch, with Lightning's checkpoints, then a fit resumed from one
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(cfg, tmp_path / "resumed.zarr", fail_at=5, checkpoints=tmp_path / "ckpt")
+    assert store_attrs(tmp_path / "resumed.zarr")["status"] == "failed"
+    (saved,) = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    fit(cfg, tmp_path / "resumed.zarr", ckpt_path=saved)
+    assert store_attrs(tmp_path / "resumed.zarr")["status"] == "complete"
+    assert_same_stores(tmp_path / "whole.zarr", tmp_path / "resumed.zarr")
 
 
 def test_an_exception_in_the_fit_marks_the_store_failed(tmp_path: Path) -> None:

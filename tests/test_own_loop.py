@@ -428,4 +428,4 @@ def test_the_own_loop_example_runs_and_the_cli_analyzes_its_store(tmp_path: Path
             check=False,
         )
         assert cli.returncode == 0, cli.stderr
-        assert cli.stdout.startswith("step,"), name
+        assert len(cli.stdout.splitlines()) > 1, name  # a header and rows

@@ -75,6 +75,7 @@ def summarize(reader: StoreReader) -> dict[str, Any]:
         "compacted": attrs.get("compacted"),
         "compression_ratio": raw / data if data else None,
         "writer": attrs.get("writer", {}),
+        "own_loop": attrs.get("own_loop"),
     }
 
 
@@ -90,6 +91,15 @@ def describe_config(cfg: dict[str, Any]) -> str:
         f"{cfg.get('name')}: {d.get('name')}/{d.get('task')} n_train {d.get('n_train')} x {t.get('replicates')} "
         f"replicate(s), n_test {d.get('n_test')}{noise}; {model}; {t.get('optimizer')} lr {t.get('lr')} "
         f"batch {t.get('batch_size')}, {t.get('epochs')} epochs"
+    )
+
+
+def describe_own_loop(own: dict[str, Any]) -> str:
+    """One line on a store recorded by a user's own loop: by what, the optimizer, the loss and its reduction."""
+    optimizer = own.get("optimizer") or "none (a constant lr)"
+    return (
+        f"recorded by {own.get('recorded_by')}; optimizer {optimizer}, loss {own.get('loss')} "
+        f"({own.get('reduction')} over the batch); data and model given in code"
     )
 
 
@@ -113,6 +123,7 @@ def render(summary: dict[str, Any]) -> str:
         f"status     {summary['status']}  (created {summary['created']}, finished {summary['finished'] or '-'})",
         *([f"error      {summary['error']}"] if summary.get("error") else []),
         f"config     {describe_config(summary['config'])}",
+        *([f"own loop   {describe_own_loop(summary['own_loop'])}"] if summary.get("own_loop") else []),
         f"recorded   on {summary['device']}{_ranks(summary['processes'])} with torch {summary['torch_version']}, "
         f"gentrace {summary['gentrace_version']}; {summary['total_steps']} optimizer steps planned",
         "",
