@@ -18,9 +18,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import ENV, store_attrs
+from lightning.pytorch.callbacks import ModelCheckpoint
 from test_own_loop import assert_same_stores
 from torch import nn
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from gentrace.core import config
