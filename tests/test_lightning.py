@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import copy
 import math
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import ENV, store_attrs
+from conftest import store_attrs
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_own_loop import assert_same_stores
+from test_own_loop import assert_same_stores, python
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
@@ -154,14 +152,7 @@ def test_an_exception_in_the_fit_marks_the_store_failed(tmp_path: Path) -> None:
 
 def test_the_lightning_example_runs_and_every_stream_is_there(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parents[1] / "examples" / "lightning_digits.py"
-    done = subprocess.run(
-        [sys.executable, str(example), str(tmp_path / "lit.zarr")],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    done = python(example, tmp_path / "lit.zarr")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "lit.zarr")
     reader = StoreReader(tmp_path / "lit.zarr")

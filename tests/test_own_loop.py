@@ -203,14 +203,7 @@ def test_augmented_autocast_loop_records_every_stream_and_every_analysis_runs(tm
     rows = every_analysis(reader)
     assert all(count > 0 for count in rows.values()), rows
     # the factory is stored, so the command line rebuilds the network too
-    cli = subprocess.run(
-        [sys.executable, "-m", "gentrace", "analyze", "lipschitz", str(store), "--where", "test"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    cli = python("-m", "gentrace", "analyze", "lipschitz", store, "--where", "test")
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.startswith("step,")
 
@@ -221,14 +214,7 @@ def test_a_store_without_factory_replays_with_the_model_given_to_the_library(tmp
     store, models = augmented_autocast_loop(tmp_path / "aug.zarr", factory=None)
     table = lipschitz.run(StoreReader(store), where="test", model=models[0])
     assert len(table) > 0
-    cli = subprocess.run(
-        [sys.executable, "-m", "gentrace", "analyze", "lipschitz", str(store)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    cli = python("-m", "gentrace", "analyze", "lipschitz", store)
     assert cli.returncode == 2
     lines = cli.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -236,9 +222,14 @@ def test_a_store_without_factory_replays_with_the_model_given_to_the_library(tmp
     assert "model=" in lines[0]
 
 
+def python(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`python ARGS` with this interpreter, to the end, output captured."""
+    cmd = [sys.executable, *map(str, args)]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def drive(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, str(DRIVERS / "own_loop_driver.py"), *map(str, args)]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    return python(DRIVERS / "own_loop_driver.py", *args)
 
 
 def test_kill_between_user_checkpoints_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
@@ -412,20 +403,11 @@ def test_bad_arguments_are_config_errors(tmp_path: Path) -> None:
 def test_the_own_loop_example_runs_and_the_cli_analyzes_its_store(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parents[1] / "examples" / "own_loop.py"
     store = tmp_path / "own.zarr"
-    done = subprocess.run(
-        [sys.executable, str(example), str(store)], env=ENV, capture_output=True, text=True, timeout=600, check=False
-    )
+    done = python(example, store)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(store)
     assert set(StoreReader(store).streams()) == set(schema.STREAMS)
     for name in ("gsnr", "lipschitz", "trajectory"):
-        cli = subprocess.run(
-            [sys.executable, "-m", "gentrace", "analyze", name, str(store)],
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
+        cli = python("-m", "gentrace", "analyze", name, store)
         assert cli.returncode == 0, cli.stderr
         assert len(cli.stdout.splitlines()) > 1, name  # a header and rows
