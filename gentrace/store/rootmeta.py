@@ -53,7 +53,8 @@ def write(path: Path, meta: Mapping[str, Any], *, last_resort: bool = False) -> 
     """
     target = Path(path) / ROOT_META
     tmp = Path(path) / f"{ROOT_META}.{uuid.uuid4().hex}.partial"
-    text = json.dumps(meta, indent=2)
+    # compact: the C encoder (an indented dump runs in Python, ~2 ms a commit for a large config)
+    text = json.dumps(meta, separators=(",", ":"))
     try:
         tmp.write_text(text)
         os.replace(tmp, target)
