@@ -38,7 +38,6 @@ Quantiles are `np.quantile` (linear interpolation) of the per-point values; a qu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
@@ -52,6 +51,9 @@ from gentrace.analyses.replay import Replay
 from gentrace.core.errors import AnalysisInputError
 from gentrace.store import schema
 from gentrace.store.reader import StoreReader
+from gentrace.task.batching import CHUNK_ELEMENTS, MAX_CHUNK, auto_chunk, layout
+
+__all__ = ["CHUNK_ELEMENTS", "MAX_CHUNK", "auto_chunk", "input_gradient_norms", "run"]
 
 WHERE = ("train", "test", "far", "all")
 GROUPS = {
@@ -67,8 +69,6 @@ FAR_SEED = 0
 # the batched cnn 2.3x slower, about as slow as a per-point loop) while an MLP still gets large matrix
 # products; a GPU
 # has no such cache cliff and wants large launches: 2^22 (5350 28x28 images, ~0.3 GB per cnn activation)
-CHUNK_ELEMENTS = {"cpu": 2**17, "cuda": 2**22}
-MAX_CHUNK = 16384
 
 
 # -- pure helpers ---------------------------------------------------------------------------------
@@ -97,12 +97,6 @@ def spectral_norm(jac: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram.double())[:, -1].clamp_min(0.0).sqrt().to(jac.dtype)
 
 
-def auto_chunk(x: torch.Tensor) -> int:
-    """Points per forward/backward: about CHUNK_ELEMENTS[x's device type] input numbers, at most MAX_CHUNK."""
-    budget = CHUNK_ELEMENTS.get(x.device.type, CHUNK_ELEMENTS["cpu"])
-    return max(1, min(MAX_CHUNK, budget // max(1, math.prod(x.shape[1:]))))
-
-
 def input_gradient_norms(
     model: nn.Module, x: torch.Tensor, *, jacobian: bool = False, chunk: int | None = None
 ) -> torch.Tensor:
@@ -118,13 +112,10 @@ def input_gradient_norms(
         `[N]` values, on x's device.
     """
     chunk = chunk or auto_chunk(x)
-    # channels_last images on CPU: oneDNN's NHWC convolutions and max-pools ran the 2-block cnn 1.05x
-    # (quiet machine) to 1.6x faster than NCHW ones; measured on CPU only, so GPUs keep NCHW. A conv
-    # follows its input's format, so the model's weights stay as they are
-    layout = torch.channels_last if x.dim() == 4 and x.device.type == "cpu" else torch.contiguous_format
+    memory_format = layout(x)
     out = []
     for start in range(0, len(x), chunk):
-        xb = x[start : start + chunk].detach().contiguous(memory_format=layout).requires_grad_(True)
+        xb = x[start : start + chunk].detach().contiguous(memory_format=memory_format).requires_grad_(True)
         with torch.enable_grad():
             f = model(xb).reshape(len(xb), -1)  # [B, K]
             if jacobian and f.shape[1] > 1:

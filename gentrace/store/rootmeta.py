@@ -39,11 +39,14 @@ def update_attrs(path: Path, updates: Mapping[str, Any], *, last_resort: bool = 
     attributes = dict(meta.get("attributes", {}))
     attributes.update(updates)
     meta["attributes"] = attributes
-    write(path, meta, last_resort=last_resort)
+    write(path, meta, last_resort=last_resort, reserve=RESERVE_BYTES)
     return attributes
 
 
-def write(path: Path, meta: Mapping[str, Any], *, last_resort: bool = False) -> None:
+RESERVE_BYTES = 4096
+
+
+def write(path: Path, meta: Mapping[str, Any], *, last_resort: bool = False, reserve: int = 0) -> None:
     """Replace the root `zarr.json` with `meta` atomically (temporary file in the same directory, then rename).
 
     An OSError names the file; the temporary file is removed on failure (a full disk leaves nothing).
@@ -53,8 +56,11 @@ def write(path: Path, meta: Mapping[str, Any], *, last_resort: bool = False) -> 
     """
     target = Path(path) / ROOT_META
     tmp = Path(path) / f"{ROOT_META}.{uuid.uuid4().hex}.partial"
-    # compact: the C encoder (an indented dump runs in Python, ~2 ms a commit for a large config)
-    text = json.dumps(meta, separators=(",", ":"))
+    # Compact, so the C encoder writes it (an indented dump runs in Python: ~2 ms a commit for a large
+    # config), then `reserve` spaces (JSON whitespace): room for the last-resort in-place rewrite of a
+    # full disk, which must not be longer than the file already is. The store's first document has none
+    # (it must fit where a store can just be created); every update after it keeps RESERVE_BYTES.
+    text = json.dumps(meta, separators=(",", ":")) + "\n" + " " * reserve
     try:
         tmp.write_text(text)
         os.replace(tmp, target)
