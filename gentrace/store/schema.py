@@ -49,8 +49,9 @@ GROW_ROWS = 64
 CODEC_PARAMS: dict[str, tuple[str, Any, int, Any]] = {  # blosc cname and shuffle: the names zarr accepts
     # float32 compresses only ~1.1x: fast lz4 with byte shuffle, never zarr's default zstd-3.
     "float": ("blosc", "lz4", 5, "shuffle"),
-    # int32 counts compress ~3x with bitshuffle.
-    "count": ("blosc", "zstd", 1, "bitshuffle"),
+    # int32 counts compress ~3.5x with bitshuffle; lz4 behind it compresses them as well as zstd-1 did
+    # (3.51x vs 3.53x on gradient sign counts) in a third of the time (0.07 vs 0.19 ms per 128 KiB).
+    "count": ("blosc", "lz4", 5, "bitshuffle"),
     "half": ("zstd", None, 1, None),
     "bits": ("blosc", "lz4", 5, "noshuffle"),
     "index": ("blosc", "zstd", 1, "shuffle"),

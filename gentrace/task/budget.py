@@ -34,7 +34,7 @@ CHECKPOINTS_KEPT = schema.CHECKPOINTS_KEPT  # resume checkpoints a store holds a
 BLOCK = 4096  # bytes a file takes on disk at least (a file system block)
 POINT_BYTES = 1600  # memory of one sweep point: its values, validated config, store name and manifest entry
 MIN_STORE_FILES = 24  # files of any store: root, data/, metrics/, metrics_fine/ metadata and their first chunks
-INT_COMPRESSION = 4  # integer streams (classes, bit masks, indices) compress at least this much with blosc-zstd
+INT_COMPRESSION = 4  # integer streams (classes, bit masks, indices) compress at least this much with blosc (bitshuffle)
 
 # one sample's shape per data set; synthetic vector sets of fixed width have it here, the others use data.dim
 IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
