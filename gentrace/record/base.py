@@ -10,12 +10,15 @@ to evaluate, the loss, the step grid, the [record] table) and a `Checkpointer`; 
   the backward and before the update, `after_step(info)` after the update (the batch's loss on the
   host), then `at_step(step, epoch)`, where probes check their own schedules.
 
-Probes hand the writer host NumPy arrays only.
+Probes hand the writer host NumPy arrays only. The per-step streams (metrics_fine, params_fine,
+lipschitz_fine) keep their rows on the training device and copy them to the host once per block of rows
+(`Probe.emit` with tensors, `to_host`): a copy per optimizer step would be a host synchronization per step
+on a GPU. `DivergenceWatch` lets a loop find a non-finite loss without reading it back every step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from gentrace.core.config import RecordConfig
 from gentrace.core.schedules import Timeline
 from gentrace.record.ranks import Dist
+from gentrace.store import schema
 from gentrace.store.schema import StreamSpec
 from gentrace.store.writer import RowBlock
 from gentrace.task.data import Dataset
@@ -120,14 +124,25 @@ class Batch:
 
 @dataclass(frozen=True)
 class StepInfo:
-    """One optimizer step's host-side summary: lr used, batch_loss [M], batch_error [M] (batch means)."""
+    """One optimizer step's summary: lr used, batch_loss [M], batch_error [M] (batch means).
+
+    The batch means are tensors on the training device (host arrays are taken too and made tensors):
+    reading them on the host is a synchronization, which only the probes' block copies and the progress
+    bar's refresh (a few times a second) do.
+    """
 
     step: int
     epoch: int
     lr: float
-    batch_loss: np.ndarray
-    batch_error: np.ndarray
+    batch_loss: torch.Tensor
+    batch_error: torch.Tensor
     batch_size: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_loss", "batch_error"):
+            value = getattr(self, name)
+            if not torch.is_tensor(value):
+                object.__setattr__(self, name, torch.as_tensor(np.asarray(value, dtype=np.float32)))
 
 
 @dataclass(frozen=True)
@@ -148,12 +163,15 @@ class Probe:
     # Rows a probe may hold in memory before handing them over as one block (each zarr call
     # costs ~1-5 ms of fixed overhead, so small rows are written in batches).
     buffer_limit = 1
+    # Its rows wait on the training device (tensors) until a block is handed over: its own steps read
+    # nothing back, only the block's copy does.
+    rows_on_device = False
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
         self.steps: set[int] = set()  # the steps it records at (`schedule`)
         self.next_row: dict[str, int] = {}
-        self._buffers: dict[str, list[dict[str, np.ndarray]]] = {}
+        self._buffers: dict[str, list[Mapping[str, np.ndarray | torch.Tensor]]] = {}
 
     def streams(self) -> list[StreamSpec]:
         """The streams this probe writes, preallocated at their final row counts."""
@@ -200,8 +218,11 @@ class Probe:
         """Whether this probe writes a resume checkpoint at `step` (the recorder flushes every buffer first)."""
         return False
 
-    def emit(self, stream: str, row: dict[str, np.ndarray]) -> Iterable[RowBlock]:
-        """Buffer one row (each array [1, *row_shape]); yields a block once `buffer_limit` rows wait."""
+    def emit(self, stream: str, row: Mapping[str, np.ndarray | torch.Tensor]) -> Iterable[RowBlock]:
+        """Buffer one row (each array [1, *row_shape]); yields a block once `buffer_limit` rows wait.
+
+        Values may be tensors on the training device: a block's tensors reach the host in one `to_host`.
+        """
         buffer = self._buffers.setdefault(stream, [])
         buffer.append(row)
         if len(buffer) >= self.buffer_limit:
@@ -215,8 +236,29 @@ class Probe:
     def _flush_stream(self, stream: str) -> Iterable[RowBlock]:
         rows = self._buffers.pop(stream, [])
         if rows:
-            arrays = {path: np.concatenate([r[path] for r in rows]) for path in rows[0]}
+            on_device = [path for path, value in rows[0].items() if torch.is_tensor(value)]
+            arrays = {
+                path: np.concatenate([np.asarray(r[path]) for r in rows]) for path in rows[0] if path not in on_device
+            }
+            if on_device:
+                blocks = [torch.cat([torch.as_tensor(r[path]) for r in rows]) for path in on_device]
+                flat = to_host(torch.cat([b.detach().reshape(-1).to(torch.float32) for b in blocks]))
+                offsets = np.cumsum([0, *(b.numel() for b in blocks)])
+                for path, block, lo, hi in zip(on_device, blocks, offsets[:-1], offsets[1:], strict=True):
+                    arrays[path] = flat[lo:hi].reshape(tuple(block.shape))
             yield RowBlock(stream, self.take_row(stream, len(rows)), arrays)
+
+    def drop_from(self, step: int) -> None:
+        """Forget buffered rows of steps at or after `step` (a loss found non-finite there, after the fact)."""
+        for stream, rows in self._buffers.items():
+            key = schema.step_of(stream)
+            self._buffers[stream] = [r for r in rows if key not in r or int(np.asarray(r[key])[0]) < step]
+
+    def syncs_at(self, step: int) -> bool:
+        """Whether this probe reads the device back at `step` (its schedule, or a block of rows handed over)."""
+        if step in self.steps and not self.rows_on_device:
+            return True
+        return any(len(rows) + 1 >= self.buffer_limit for rows in self._buffers.values())
 
     def resume(self, rows: dict[str, int]) -> None:
         """Continue writing after `rows[stream]` kept rows of each stream."""
@@ -229,6 +271,47 @@ class Probe:
         return start
 
 
+def to_host(values: torch.Tensor) -> np.ndarray:
+    """The probes' one copy from the training device to the host (a new array, safe to queue).
+
+    On a GPU through a pinned host buffer with `non_blocking=True`, then one wait for that copy; every
+    device-to-host transfer of recorded data goes through here (the tests count the calls).
+    """
+    values = values.detach()
+    if values.device.type == "cuda":
+        pinned = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        pinned.copy_(values, non_blocking=True)
+        torch.cuda.current_stream(values.device).synchronize()
+        return pinned.numpy()
+    return values.to("cpu", copy=True).numpy()
+
+
 def host(tensors: Iterable[torch.Tensor]) -> np.ndarray:
     """Stack replicate tensors into one host float32 array [M, *shape] (a copy, safe to queue)."""
-    return torch.stack([t.detach() for t in tensors]).to("cpu", torch.float32).numpy()
+    return to_host(torch.stack([t.detach() for t in tensors]).to(torch.float32))
+
+
+class DivergenceWatch:
+    """The first step whose loss is not finite, kept on the training device (no host read per step).
+
+    A loop notes every step's batch losses (`note`, a few device operations) and asks `first()` (one host
+    read) before anything is recorded from a step: when a probe is due, a block of rows is handed over,
+    or training ends. Rows buffered for steps at or after the divergence are then dropped.
+    """
+
+    NONE = 2**62
+
+    def __init__(self, replicates: int, device: torch.device) -> None:
+        self._step = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self._losses = torch.zeros(replicates, dtype=torch.float32, device=device)
+
+    def note(self, step: int, losses: torch.Tensor) -> None:
+        """Remember `step` and its losses [M] if they are the first not all finite."""
+        first = (self._step == self.NONE) & ~torch.isfinite(losses).all()
+        self._step = torch.where(first, torch.full_like(self._step, step), self._step)
+        self._losses = torch.where(first, losses.detach().to(torch.float32), self._losses)
+
+    def first(self) -> tuple[int, np.ndarray] | None:
+        """(step, losses [M]) of the first non-finite loss so far, or None (one read back from the device)."""
+        values = to_host(torch.cat([self._step.to(torch.float64).reshape(1), self._losses.to(torch.float64)]))
+        return None if values[0] >= self.NONE else (int(values[0]), values[1:].astype(np.float32))

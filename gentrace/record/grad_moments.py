@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.hooks import RemovableHandle
 
 from gentrace.core.schedules import every_epochs, every_steps
@@ -53,7 +54,7 @@ class GradMomentsProbe(Probe):
         self.shapes = {n: tuple(p.shape) for n, p in ctx.models[0].named_parameters() if p.requires_grad}
         self._loss = ctx.per_sample_loss()
         self._seen = np.zeros(len(ctx.models), np.int64)
-        self._loss_sum = np.zeros(len(ctx.models), np.float64)
+        self._loss_sum = torch.zeros(len(ctx.models), dtype=torch.float64, device=ctx.device)
         self._restored = False
         self.dist = ctx.dist
         # train-batches under torchrun: steps where rank 0 may write a checkpoint holding our partial sums
@@ -91,7 +92,8 @@ class GradMomentsProbe(Probe):
         """train-batches: count the batch's samples and summed loss."""
         if self.source == "train-batches":
             self._seen += info.batch_size
-            self._loss_sum += info.batch_loss.astype(np.float64) * info.batch_size
+            # on the training device: summed here, read back only when a row is written
+            self._loss_sum = self._loss_sum + info.batch_loss.detach().to(torch.float64) * info.batch_size
         return ()
 
     def at_step(self, step: int, epoch: int) -> Iterable[RowBlock]:
@@ -107,15 +109,16 @@ class GradMomentsProbe(Probe):
             row = self._row(step, per_replicate)
         else:
             per_replicate = [engine.end() for engine in self.engines]
+            loss_sums = self._loss_sum.cpu().numpy()
             for m, moments in enumerate(per_replicate):
                 # n and loss_sum come from the step summaries, which already cover every rank
                 self.dist.all_reduce_moments(moments, self.shapes, self.ctx.device, counts=False)
-                moments.n, moments.loss_sum = int(self._seen[m]), float(self._loss_sum[m])
+                moments.n, moments.loss_sum = int(self._seen[m]), float(loss_sums[m])
             row = self._row(step, per_replicate)  # before begin(), which reuses the accumulators
             for engine in self.engines:
                 engine.begin(mean_loss=True)
             self._seen[:] = 0
-            self._loss_sum[:] = 0.0
+            self._loss_sum = torch.zeros_like(self._loss_sum)
         if self.dist.is_main:
             yield RowBlock(self.name, self.take_row(self.name), row)
 
@@ -131,14 +134,16 @@ class GradMomentsProbe(Probe):
         """train-batches: the moments accumulated since the last row (a resumed run continues them)."""
         if self.source != "train-batches":
             return None
-        return {"moments": [e.moments for e in self.engines], "seen": self._seen.copy(), "loss": self._loss_sum.copy()}
+        loss = self._loss_sum.cpu().numpy().copy()  # a checkpoint reads the device anyway
+        return {"moments": [e.moments for e in self.engines], "seen": self._seen.copy(), "loss": loss}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue the accumulation saved by `state`."""
         for engine, moments in zip(self.engines, state["moments"], strict=True):
             if self.dist.is_main:  # the saved sums cover every rank: the others continue from zero
                 engine.moments = moments
-        self._seen, self._loss_sum = state["seen"], state["loss"]
+        self._seen = state["seen"]
+        self._loss_sum = torch.as_tensor(np.asarray(state["loss"], np.float64), device=self.ctx.device)
         self._restored = True
 
     def _probe_pass(self, m: int) -> Moments:

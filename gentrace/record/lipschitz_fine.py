@@ -20,7 +20,6 @@ rank measures its piece of the batch and the sums, counts and maxima are all-red
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -38,6 +37,7 @@ class LipschitzFineProbe(Probe):
 
     name = schema.LIPSCHITZ_FINE.name
     buffer_limit = 512
+    rows_on_device = True  # single process; under torchrun each measured step is all-reduced anyway
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
@@ -87,20 +87,22 @@ class LipschitzFineProbe(Probe):
         """Hand over the measured step's mean and max."""
         if step not in self.steps or self._norms is None:
             return
+        norms, self._norms = self._norms.detach().to(torch.float64), None
         if self.ctx.dist.world > 1:
-            mean, top = self._combined(self._norms.detach().to(torch.float64))
-            self._norms = None
-        else:
-            norms, self._norms = self._norms.detach().to("cpu", torch.float64).numpy(), None
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # a batch of perfect fits has no value: NaN
-                mean, top = np.nanmean(norms, axis=1), np.nanmax(norms, axis=1)
+            host_mean, host_top = self._combined(norms)
+            mean, top = torch.from_numpy(host_mean), torch.from_numpy(host_top)
+        else:  # on the training device: the rows reach the host a block at a time
+            valid = ~norms.isnan()
+            count = valid.sum(1)
+            mean = torch.where(valid, norms, 0.0).sum(1) / count  # 0 / 0 = NaN: a batch of perfect fits
+            top = torch.where(valid, norms, -torch.inf).amax(1) if norms.shape[1] else torch.full_like(mean, -torch.inf)
+            top = torch.where(count > 0, top, torch.nan)
         yield from self.emit(
             self.name,
             {
                 schema.LIPSCHITZ_FINE.step: np.array([step], np.int64),
-                schema.LIPSCHITZ_FINE.mean: mean[None].astype(np.float32),
-                schema.LIPSCHITZ_FINE.max: top[None].astype(np.float32),
+                schema.LIPSCHITZ_FINE.mean: mean.to(torch.float32)[None],
+                schema.LIPSCHITZ_FINE.max: top.to(torch.float32)[None],
             },
         )
 

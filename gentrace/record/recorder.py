@@ -181,6 +181,15 @@ class Recorder:
                 self.flush()
             self._put(probe.at_step(step, epoch))
 
+    def syncs_at(self, step: int) -> bool:
+        """Whether any probe reads the device back at `step` (a loop checks for divergence first then)."""
+        return any(probe.syncs_at(step) for probe in self.probes)
+
+    def drop_from(self, step: int) -> None:
+        """Forget every buffered row of steps at or after `step` (the loss diverged there)."""
+        for probe in self.probes:
+            probe.drop_from(step)
+
     def flush(self) -> None:
         """Hand every buffered row to the writer."""
         for probe in self.probes:

@@ -28,7 +28,7 @@ from torch import nn
 from gentrace.core.config import RunConfig
 from gentrace.core.errors import ConfigError, TrainingDiverged
 from gentrace.core.schedules import Timeline, timeline
-from gentrace.record.base import Batch, StepInfo
+from gentrace.record.base import Batch, DivergenceWatch, StepInfo
 from gentrace.record.ranks import Dist
 from gentrace.record.recorder import Recorder
 from gentrace.task.checkpoint import TrainingState, pack, unpack
@@ -131,6 +131,18 @@ class Trainer:
         self.restored = True
         return dict(state.extra)
 
+    def _raise_if_diverged(self, watch: DivergenceWatch, recorder: Recorder, lr: float) -> None:
+        """TrainingDiverged at the first step whose loss was not finite; rows buffered from it on are dropped."""
+        found = watch.first()
+        if found is None:
+            return
+        step, losses = found
+        recorder.drop_from(step)
+        bad = int(np.flatnonzero(~np.isfinite(losses))[0])
+        raise TrainingDiverged(
+            f"the loss became {losses[bad]} at step {step} (replicate {bad}); lower train.lr (now {lr:g})"
+        )
+
     # -- the loop -------------------------------------------------------------------------------
     def _ddp(self) -> nn.Module:
         """The replicates wrapped in DistributedDataParallel (every rank holds the same parameters already)."""
@@ -159,6 +171,8 @@ class Trainer:
             model.train()
         world = self.dist.world
         forward = self._ddp() if world > 1 else None
+        watch = DivergenceWatch(len(self.models), x.device)
+        n = self.cfg.data.n_train
         for epoch in range(self.epoch, self.timeline.epochs):
             lr = self.lr_at(epoch)
             for group in self.optimizer.param_groups:
@@ -188,20 +202,18 @@ class Trainer:
                 recorder.after_backward(batch)
                 self.optimizer.step()
                 self.step += 1
-                with torch.no_grad():
+                with torch.no_grad():  # on the device: nothing is read back per step (gentrace.record.base)
                     if forward is None:
                         errors = torch.stack([sample_error(out, yb[m], self.loss).mean() for m, out in enumerate(outs)])
-                        summary = torch.stack([losses.detach(), errors]).cpu().numpy()
+                        summary = torch.stack([losses.detach(), errors])
                     else:
                         errors = torch.stack([sample_error(out, yb[m], self.loss) for m, out in enumerate(outs)])
                         sums = self.dist.all_reduce(torch.stack([per_sample.detach().sum(1), errors.sum(1)]))
-                        summary = (sums / size).cpu().numpy()
-                if not np.isfinite(summary[0]).all():
-                    bad = int(np.flatnonzero(~np.isfinite(summary[0]))[0])
-                    raise TrainingDiverged(
-                        f"the loss became {summary[0][bad]} at step {self.step} (replicate {bad}); "
-                        f"lower train.lr (now {lr:g})"
-                    )
+                        summary = sums / size
+                watch.note(self.step, summary[0])
+                last = count is None and epoch + 1 == self.timeline.epochs and start + self.batch >= n
+                if last or recorder.syncs_at(self.step):  # before anything of this step is recorded
+                    self._raise_if_diverged(watch, recorder, lr)
                 info = StepInfo(self.step, epoch, lr, summary[0], summary[1], size)
                 recorder.after_step(info)
                 for observer in observers:

@@ -56,7 +56,7 @@ from gentrace.core.config import OWN, DataConfig, ModelConfig, RecordConfig, Run
 from gentrace.core.errors import ConfigError, GentraceError, StoreError, TrainingDiverged
 from gentrace.core.schedules import Timeline
 from gentrace.core.version import __version__
-from gentrace.record.base import Batch, RunContext, StepInfo
+from gentrace.record.base import Batch, DivergenceWatch, RunContext, StepInfo
 from gentrace.record.recorder import Recorder
 from gentrace.store import schema
 from gentrace.store.reader import StoreReader
@@ -266,6 +266,7 @@ class Run:
         self._handles: list[RemovableHandle] = []
         self._resume_state: dict[str, Any] | None = None
         self._diverged_at: int | None = None
+        self._watch = DivergenceWatch(len(self.models), self.device)
         self._params = [list(m.parameters()) for m in self.models]
         self._shapes = [[p.shape for p in ps] for ps in self._params]
         self._names = [n for n, _ in self.models[0].named_parameters()]
@@ -487,6 +488,13 @@ class Run:
         writer = self._writer
         assert writer is not None
         if exc_type is None:
+            try:
+                self._check_divergence(self._lr_used or 0.0)
+            except TrainingDiverged:
+                with contextlib.suppress(Exception):
+                    self.recorder.flush()
+                writer.close_after_failure("diverged")
+                raise
             with held_interrupts() as held:
                 self.recorder.flush()
                 status = "diverged" if self._diverged_at is not None else "complete"
@@ -613,9 +621,10 @@ class Run:
         if step > self.timeline.total_steps:
             self._grow(math.ceil(step / self.timeline.steps_per_epoch))
         lr = self._lr()
-        known = loss is not None or (batch is not None and targets is not None)
-        if known and not np.isfinite(losses).all():
-            self._diverged(step, losses, lr)
+        if loss is not None or (batch is not None and targets is not None):
+            self._watch.note(step, losses)
+        if self.recorder.syncs_at(step):  # before anything of this step is recorded: one read back, not per step
+            self._check_divergence(lr)
         if batch is not None and targets is not None:
             batch.y = targets
             self.recorder.after_backward(batch)
@@ -623,10 +632,17 @@ class Run:
         self.recorder.after_step(StepInfo(step, epoch, lr, losses, errors, size))
         self._probe(step)
 
-    def _diverged(self, step: int, losses: np.ndarray, lr: float) -> None:
-        if self._diverged_at is None:
-            self._diverged_at = step
+    def _check_divergence(self, lr: float) -> None:
+        """A non-finite loss noted since the last check: its rows are dropped; raise, or record on (on_nan)."""
+        if self._diverged_at is not None:
+            return  # already found, and on_nan = "continue"
+        found = self._watch.first()
+        if found is None:
+            return
+        step, losses = found
+        self._diverged_at = step
         if self.on_nan == "raise":
+            self.recorder.drop_from(step)
             bad = int(np.flatnonzero(~np.isfinite(losses))[0])
             raise TrainingDiverged(
                 f"the loss became {losses[bad]} at step {step} (model {bad}); lower the learning rate (now {lr:g}), "
@@ -684,10 +700,12 @@ class Run:
             stacked = stacked.long()
         return stacked
 
-    def _summary(self, loss: Any, batch: Batch | None, targets: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
-        """Batch loss and batch error [M] of this step (NaN where neither was handed over)."""
+    def _summary(
+        self, loss: Any, batch: Batch | None, targets: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch loss and batch error [M] of this step, float32 on the device (NaN where neither was handed over)."""
         m = len(self.models)
-        nan = np.full(m, np.nan)
+        nan = torch.full((m,), float("nan"), device=self.device)
         with torch.no_grad():
             computed = None
             if batch is not None and targets is not None:
@@ -695,26 +713,26 @@ class Run:
                 outs = [o.detach().float() for o in batch.outputs]
                 per_loss = torch.stack([fn(o, targets[i]).mean() for i, o in enumerate(outs)])
                 per_error = torch.stack([sample_error(o, targets[i], self.kind).mean() for i, o in enumerate(outs)])
-                computed = torch.stack([per_loss, per_error]).cpu().numpy().astype(np.float64)
+                computed = (per_loss.float(), per_error.float())
             if loss is None:
-                return (computed[0], computed[1]) if computed is not None else (nan, nan.copy())
+                return computed if computed is not None else (nan, nan.clone())
             values = self._loss_values(loss)
             scale = 1.0 if self.reduction == "mean" else 1.0 / max(batch.size if batch is not None else 1, 1)
-            return values * scale, (computed[1] if computed is not None else nan.copy())
+            return values * scale, (computed[1] if computed is not None else nan.clone())
 
-    def _loss_values(self, loss: Any) -> np.ndarray:
-        """The losses handed to `step` as [M] float64 (one scalar per model)."""
+    def _loss_values(self, loss: Any) -> torch.Tensor:
+        """The losses handed to `step` as [M] float32 on the device (one scalar per model; nothing read back)."""
         m = len(self.models)
-        if torch.is_tensor(loss):
-            values = loss.detach().float().reshape(-1).cpu().numpy().astype(np.float64)
-        elif isinstance(loss, list | tuple):
-            values = np.array([float(p.detach().float()) if torch.is_tensor(p) else float(p) for p in loss])
-        else:
-            values = np.array([float(loss)])
-        if values.size == 1 and m > 1:
+        parts = list(loss) if isinstance(loss, list | tuple) else [loss]
+        pieces = [
+            (p.detach() if torch.is_tensor(p) else torch.tensor(float(p))).to(self.device, torch.float32).reshape(-1)
+            for p in parts
+        ]
+        values = torch.cat(pieces)
+        if values.numel() == 1 and m > 1:
             raise RunMisuse(
                 f"run.step(loss): one loss for {m} models; hand over each model's loss (a list) or y= instead"
             )
-        if values.size != m:
-            raise RunMisuse(f"run.step(loss): {values.size} losses for {m} models")
+        if values.numel() != m:
+            raise RunMisuse(f"run.step(loss): {values.numel()} losses for {m} models")
         return values
