@@ -35,6 +35,7 @@ import torch
 
 import gentrace
 from gentrace.core import config
+from gentrace.store import schema
 from gentrace.task.data import build_data
 from gentrace.task.models import build_model
 from gentrace.training.loop import Trainer
@@ -51,11 +52,16 @@ class DropRows:
         pass
 
 
-def _train_time(cfg: config.RunConfig, device: str, probes: bool) -> float:
-    """Set-up and training, as `on` times them (`record` builds the data and models too)."""
+def _train_time(cfg: config.RunConfig, device: str, probes: bool, only: tuple[str, ...] = ()) -> float:
+    """Set-up and training, as `on` times them (`record` builds the data and models too).
+
+    `only`: keep just these probes (rows dropped), to time one stream's cost.
+    """
     t0 = time.perf_counter()
     trainer, recorder, _ = prepare(cfg, resolve_device(device))
-    if probes:
+    if only:
+        recorder.probes[:] = [p for p in recorder.probes if p.name in only]
+    if probes or only:
         recorder.attach(DropRows())  # type: ignore[arg-type]
     else:
         recorder.probes.clear()
@@ -162,12 +168,89 @@ def write_mnist_format(root: Path, n_train: int = 10000, n_test: int = 2000) -> 
             (raw / f"{prefix}-{kind}").write_bytes(header + array.tobytes())
 
 
+# Streams timed alone (the metrics and predictions probes share one evaluation, so they go together).
+GROUPS = {
+    "metrics + preds": (schema.METRICS.name, schema.PREDS.name),
+    "grad": (schema.GRAD.name,),
+    "acts": (schema.ACTS.name,),
+    "params": (schema.PARAMS.name,),
+    "params_fine": (schema.PARAMS_FINE.name,),
+    "metrics_fine": (schema.METRICS_FINE.name,),
+    "lipschitz_fine": (schema.LIPSCHITZ_FINE.name,),
+}
+
+
+def _timed(fn: object, device: str) -> float:
+    t0 = time.perf_counter()
+    fn()  # type: ignore[operator]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def floors(cfg: config.RunConfig, device: str) -> dict[str, float]:
+    """Each stream's arithmetic, timed in this run: what recording it cannot cost less than.
+
+    - metrics + preds: one no-grad forward over every evaluated sample (each replicate's training set and
+      the test set) at the training batch size, per evaluation;
+    - grad (probe source): one forward + backward with parameter gradients over the moment samples, per row
+      and replicate (the moments themselves come on top of it);
+    - acts: one no-grad forward over the probe samples, per row;
+    - params, params_fine: a host copy of the recorded tensors, per row.
+    """
+    trainer, recorder, data = prepare(cfg, resolve_device(device))
+    probes = {p.name: p for p in recorder.probes}
+    models, x, y = trainer.models, trainer.data.x_train, trainer.data.y_train
+    batch = trainer.batch
+    loss_fn = torch.nn.functional.cross_entropy if data.num_classes else torch.nn.functional.mse_loss
+    out: dict[str, float] = {}
+
+    def forward_all(inputs: torch.Tensor, m: int) -> None:
+        with torch.no_grad():
+            for i in range(0, len(inputs), batch):
+                models[m](inputs[i : i + batch])
+
+    if schema.METRICS.name in probes:
+        evaluations = len(probes[schema.METRICS.name].steps)
+        one = sum(
+            _timed(lambda m=m: (forward_all(x[m], m), forward_all(trainer.data.x_test, m)), device)
+            for m in range(len(models))
+        )
+        out["metrics + preds"] = evaluations * one
+    if schema.GRAD.name in probes and cfg.record.grad_moments.source == "probe":
+        probe = probes[schema.GRAD.name]
+        samples = probe.samples  # type: ignore[attr-defined]
+
+        def fwd_bwd(m: int) -> None:
+            for i in range(0, samples, 256):
+                models[m].zero_grad()
+                out_m = models[m](x[m][i : min(i + 256, samples)])
+                target = y[m][i : min(i + 256, samples)]
+                loss_fn(out_m.squeeze(-1) if not data.num_classes else out_m, target).backward()
+
+        out["grad"] = len(probe.steps) * sum(_timed(lambda m=m: fwd_bwd(m), device) for m in range(len(models)))
+    if schema.ACTS.name in probes:
+        probe = probes[schema.ACTS.name]
+        count = len(probe.x)  # type: ignore[attr-defined]
+        out["acts"] = len(probe.steps) * _timed(lambda: forward_all(x[0][:count], 0), device)
+    for name in (schema.PARAMS.name, schema.PARAMS_FINE.name):
+        if name in probes:
+            probe = probes[name]
+            tensors = [dict(m.named_parameters())[t] for m in models for t in probe.names]  # type: ignore[attr-defined]
+            copy_once = _timed(
+                lambda tensors=tensors: [t.detach().to("cpu", copy=True).numpy() for t in tensors], device
+            )
+            out[name] = len(probe.steps) * copy_once
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--streams", action="store_true", help="each stream's cost beside its floor")
     parser.add_argument("--no-plain", action="store_true", help="skip the two plain-loop variants")
     parser.add_argument("--preset", choices=["cnn"], default=None, help="the CNN config on MNIST-format files")
     parser.add_argument("--root", type=Path, default=Path("."), help="where the stores are written (default .)")
@@ -190,6 +273,15 @@ def main() -> None:
             if not args.no_plain:
                 times["plain loop"].append(time_plain_loop(cfg, args.device, None))
                 times["plain loop + Run"].append(time_plain_loop(cfg, args.device, Path(tmp) / f"run-{i}.zarr"))
+        per_stream: dict[str, list[float]] = {}
+        if args.streams:
+            for i in range(args.repeats):
+                for group, names in GROUPS.items():
+                    if any(n in {p.name for p in prepare(cfg, resolve_device(args.device))[1].probes} for n in names):
+                        per_stream.setdefault(group, []).append(
+                            _train_time(cfg, args.device, probes=True, only=names) - times["off"][i]
+                        )
+            floor = floors(cfg, args.device)
     times = {k: v for k, v in times.items() if v}
     medians = {k: statistics.median(v) for k, v in times.items()}
     print(
@@ -202,6 +294,13 @@ def main() -> None:
         print(f"{name:<18}{medians[name]:>10.3f}{medians[name] / medians['off']:>14.3f}   {runs}")
     print(f"overhead ratio (on / off): {medians['on'] / medians['off']:.3f}")
     print(f"writer ratio (on / probes only): {medians['on'] / medians['probes only']:.3f}")
+    if args.streams:
+        print(f"{'stream':<18}{'cost s':>10}{'floor s':>10}{'cost / floor':>14}   (cost: that probe alone minus off)")
+        for group, values in per_stream.items():
+            cost = statistics.median(values)
+            low = floor.get(group)
+            ratio = f"{cost / low:>14.2f}" if low else f"{'-':>14}"
+            print(f"{group:<18}{cost:>10.3f}{(low if low is not None else float('nan')):>10.3f}{ratio}")
     if "plain loop" in medians:
         plain = medians["plain loop + Run"] / medians["plain loop"]
         print(f"own-loop overhead ratio (plain loop + gentrace.Run / plain loop): {plain:.3f}")
