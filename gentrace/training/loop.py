@@ -212,7 +212,9 @@ class Trainer:
                         summary = sums / size
                 watch.note(self.step, summary[0])
                 last = count is None and epoch + 1 == self.timeline.epochs and start + self.batch >= n
-                if last or recorder.syncs_at(self.step):  # before anything of this step is recorded
+                # before anything of this step is recorded; under torchrun every step, so that every rank
+                # stops at the same step (the step's all-reduce has synchronized them already)
+                if last or world > 1 or recorder.syncs_at(self.step):
                     self._raise_if_diverged(watch, recorder, lr)
                 info = StepInfo(self.step, epoch, lr, summary[0], summary[1], size)
                 recorder.after_step(info)
