@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gentrace.core.config import RecordConfig
+from gentrace.core.errors import TrainingDiverged
 from gentrace.core.schedules import Timeline
 from gentrace.record.ranks import Dist
 from gentrace.store import schema
@@ -315,3 +316,10 @@ class DivergenceWatch:
         """(step, losses [M]) of the first non-finite loss so far, or None (one read back from the device)."""
         values = to_host(torch.cat([self._step.to(torch.float64).reshape(1), self._losses.to(torch.float64)]))
         return None if values[0] >= self.NONE else (int(values[0]), values[1:].astype(np.float32))
+
+    @staticmethod
+    def error(found: tuple[int, np.ndarray], unit: str, fix: str) -> TrainingDiverged:
+        """The one-line error for `first()`'s answer: the loss value, the step, which `unit` (model), the fix."""
+        step, losses = found
+        bad = int(np.flatnonzero(~np.isfinite(losses))[0])
+        return TrainingDiverged(f"the loss became {losses[bad]} at step {step} ({unit} {bad}); {fix}")

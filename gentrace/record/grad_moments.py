@@ -57,8 +57,6 @@ class GradMomentsProbe(Probe):
         self._loss_sum = torch.zeros(len(ctx.models), dtype=torch.float64, device=ctx.device)
         self._restored = False
         self.dist = ctx.dist
-        # train-batches under torchrun: steps where rank 0 may write a checkpoint holding our partial sums
-        self.sync_steps = set(every_epochs(ctx.record.params.every_epochs, ctx.timeline))
 
     def schedule(self) -> set[int]:
         """Every `every_steps` steps and every `every_epochs` epochs; train-batches skips step 0."""
@@ -66,6 +64,7 @@ class GradMomentsProbe(Probe):
         steps = set(every_steps(rec.every_steps, tl)) | set(every_epochs(rec.every_epochs, tl))
         if self.source == "train-batches":
             steps.discard(0)  # no batch has been seen at initialization
+        # train-batches under torchrun: steps where rank 0 may write a checkpoint holding our partial sums
         self.sync_steps = set(every_epochs(self.ctx.record.params.every_epochs, tl))
         return steps
 

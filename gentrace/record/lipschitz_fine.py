@@ -88,16 +88,8 @@ class LipschitzFineProbe(Probe):
         if step not in self.steps or self._norms is None:
             return
         norms, self._norms = self._norms.detach().to(torch.float64), None
-        if self.ctx.dist.world > 1:
-            host_mean, host_top = self._combined(norms)
-            mean, top = torch.from_numpy(host_mean), torch.from_numpy(host_top)
-        else:  # on the training device: the rows reach the host a block at a time
-            valid = ~norms.isnan()
-            count = valid.sum(1)
-            mean = torch.where(valid, norms, 0.0).sum(1) / count  # 0 / 0 = NaN: a batch of perfect fits
-            top = torch.where(valid, norms, -torch.inf).amax(1) if norms.shape[1] else torch.full_like(mean, -torch.inf)
-            top = torch.where(count > 0, top, torch.nan)
-        yield from self.emit(
+        mean, top = self._mean_and_max(norms)
+        yield from self.emit(  # on the training device: the rows reach the host a block at a time
             self.name,
             {
                 schema.LIPSCHITZ_FINE.step: np.array([step], np.int64),
@@ -106,8 +98,8 @@ class LipschitzFineProbe(Probe):
             },
         )
 
-    def _combined(self, norms: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """NaN-skipping mean and max [M] over every rank's piece of the batch (norms [M, b] here)."""
+    def _mean_and_max(self, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """NaN-skipping mean and max [M] over the batch (every rank's piece under torchrun; norms [M, b] here)."""
         dist, valid = self.ctx.dist, ~norms.isnan()
         stats = torch.stack([torch.where(valid, norms, 0.0).sum(1), valid.sum(1).to(norms.dtype)])
         # amax of an empty piece (a rank without samples) is an error, not -inf
@@ -116,10 +108,9 @@ class LipschitzFineProbe(Probe):
             if norms.shape[1]
             else norms.new_full(stats[0].shape, -torch.inf)
         )
-        sums, tops = dist.all_reduce(stats).cpu().numpy(), dist.all_reduce(top, "max").cpu().numpy()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = sums[0] / sums[1]  # 0 / 0 = NaN: a batch of perfect fits has no value
-        return mean, np.where(tops == -np.inf, np.nan, tops)
+        sums, tops = dist.all_reduce(stats), dist.all_reduce(top, "max")  # one process: as they are
+        mean = sums[0] / sums[1]  # 0 / 0 = NaN: a batch of perfect fits has no value
+        return mean, torch.where(tops == -torch.inf, torch.nan, tops)
 
 
 def lipschitz_fine_probe(ctx: RunContext) -> LipschitzFineProbe | None:

@@ -77,14 +77,14 @@ class TensorSnapshotProbe(Probe):
         if not self.checkpoints:
             # fine snapshots stay on the training device until their block is handed over (one copy a block)
             for name in self.names:
-                stacked = torch.stack([p[name].detach() for p in per_model])
-                row[self.stream.tensor(name)] = stacked.to(torch.float32)[None]
+                row[self.stream.tensor(name)] = torch.stack([p[name].detach() for p in per_model]).to(torch.float32)[
+                    None
+                ]
             yield from self.emit(self.name, row)
             return
-        host_row = {self.stream.step: np.array([step], np.int64)}
+        host_row: dict[str, np.ndarray] = {self.stream.step: np.array([step], np.int64)}
         for name in self.names:
             host_row[self.stream.tensor(name)] = host(p[name] for p in per_model)[None]
-        row = dict(host_row)
         if self.checkpoint_due(step):
             self._last_checkpoint = time.monotonic()
             yield Checkpointed(RowBlock(self.name, self.take_row(self.name), host_row, checkpoint_step=step))

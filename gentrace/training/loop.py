@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from gentrace.core.config import RunConfig
-from gentrace.core.errors import ConfigError, TrainingDiverged
+from gentrace.core.errors import ConfigError
 from gentrace.core.schedules import Timeline, timeline
 from gentrace.record.base import Batch, DivergenceWatch, StepInfo
 from gentrace.record.ranks import Dist
@@ -134,14 +134,9 @@ class Trainer:
     def _raise_if_diverged(self, watch: DivergenceWatch, recorder: Recorder, lr: float) -> None:
         """TrainingDiverged at the first step whose loss was not finite; rows buffered from it on are dropped."""
         found = watch.first()
-        if found is None:
-            return
-        step, losses = found
-        recorder.drop_from(step)
-        bad = int(np.flatnonzero(~np.isfinite(losses))[0])
-        raise TrainingDiverged(
-            f"the loss became {losses[bad]} at step {step} (replicate {bad}); lower train.lr (now {lr:g})"
-        )
+        if found is not None:
+            recorder.drop_from(found[0])
+            raise watch.error(found, "replicate", f"lower train.lr (now {lr:g})")
 
     # -- the loop -------------------------------------------------------------------------------
     def _ddp(self) -> nn.Module:

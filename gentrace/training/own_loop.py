@@ -41,13 +41,11 @@ import contextlib
 import dataclasses
 import io
 import math
-import platform
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -55,18 +53,17 @@ from torch.utils.hooks import RemovableHandle
 from gentrace.core.config import OWN, DataConfig, ModelConfig, RecordConfig, RunConfig, TrainConfig, from_dict, to_dict
 from gentrace.core.errors import ConfigError, GentraceError, StoreError, TrainingDiverged
 from gentrace.core.schedules import Timeline
-from gentrace.core.version import __version__
 from gentrace.record.base import Batch, DivergenceWatch, RunContext, StepInfo
 from gentrace.record.recorder import Recorder
 from gentrace.store import schema
 from gentrace.store.reader import StoreReader
-from gentrace.store.writer import StoreWriter, create_store, open_for_resume
+from gentrace.store.writer import StoreWriter, create_store
 from gentrace.task import plugins
 from gentrace.task.checkpoint import TrainingState, pack
 from gentrace.task.data import Dataset, from_splits
 from gentrace.task.losses import LossName, sample_error
 from gentrace.task.models import build_model
-from gentrace.training.run import held_interrupts
+from gentrace.training.run import held_interrupts, reopen, run_attrs, static_arrays, to_device
 
 STATE_FORMAT = "gentrace.Run/1"
 LOSSES = ("auto", "cross_entropy", "bce", "mse")
@@ -242,18 +239,11 @@ class Run:
             )
         num_classes = width if self.kind == "cross_entropy" else (2 if self.kind == "bce" else 0)
         data = dataclasses.replace(data, num_classes=max(num_classes, data.num_classes) if num_classes else 0)
-        self.data = dataclasses.replace(
-            data,
-            x_train=data.x_train.to(self.device),
-            y_train=data.y_train.to(self.device),
-            x_test=data.x_test.to(self.device),
-            y_test=data.y_test.to(self.device),
-        )
+        self.data = to_device(data, self.device)
         self.factory = self._check_factory(factory, dict(factory_options or {}), width)
         lr0 = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else float(lr or 0.0)
         self.timeline = Timeline(steps_per_epoch, epochs or 1)
-        self.planned_epochs = epochs
-        self.cfg = self._config(rec, lr0, loss, recorded_by)
+        self.cfg = self._config(rec, lr0)
         self.ctx = RunContext(rec, self.data, self.models, self.kind, self.timeline, self.device, lr0, loss_fn=loss_fn)
         self.recorder = Recorder(self.ctx, checkpointer=self)
         self.loss_name = getattr(loss, "__qualname__", repr(loss)) if callable(loss) else str(loss)
@@ -297,7 +287,7 @@ class Run:
             )
         return factory
 
-    def _config(self, rec: RecordConfig, lr0: float, loss: object, recorded_by: str) -> RunConfig:
+    def _config(self, rec: RecordConfig, lr0: float) -> RunConfig:
         """The store's config: the [record] table and what is known of the run; data and model are `own`."""
         data = self.data
         optimizer = self.optimizer
@@ -327,38 +317,11 @@ class Run:
         return from_dict(to_dict(cfg))  # what a reader of the store will parse
 
     def _attrs(self) -> dict[str, Any]:
-        factories = plugins.recorded(self.cfg)
+        """`gentrace record`'s attributes (training.run.run_attrs) and what the user's loop is made of."""
         optimizer = type(self.optimizer).__name__ if self.optimizer is not None else None
-        return ({"factories": factories} if factories else {}) | {
-            "gentrace_version": __version__,
-            "config": to_dict(self.cfg),
-            "own_loop": {
-                "recorded_by": self.recorded_by,
-                "optimizer": optimizer,
-                "loss": self.loss_name,
-                "reduction": self.reduction,
-            },
-            "torch_version": torch.__version__,
-            "cuda_version": torch.version.cuda,
-            "python_version": platform.python_version(),
-            "device": str(self.device),
-            "processes": 1,
-            "loss": self.kind,
-            "num_classes": self.data.num_classes,
-            "input_shape": list(self.data.input_shape),
-            "replicates": len(self.models),
-            "steps_per_epoch": self.timeline.steps_per_epoch,
-            "total_steps": self.timeline.total_steps,
-        }
-
-    def _static(self) -> dict[str, np.ndarray]:
-        data = self.data
-        arrays = schema.data_arrays(
-            data.train_index, data.test_index, data.y_train.cpu().numpy(), data.y_test.cpu().numpy(), data.noise_mask
-        )
-        if self.cfg.record.inputs:
-            arrays |= schema.input_arrays(data.x_train.cpu().numpy(), data.x_test.cpu().numpy())
-        return {**arrays, **self.recorder.static()}
+        own = {"recorded_by": self.recorded_by, "optimizer": optimizer, "loss": self.loss_name}
+        attrs = run_attrs(self.cfg, self.data, self.device, self.kind, self.timeline)
+        return attrs | {"own_loop": own | {"reduction": self.reduction}}
 
     # -- the Checkpointer the params probe asks (the store's own checkpoints: models and probe state) --
     def checkpoint(self, extra: dict[str, Any]) -> bytes:
@@ -441,14 +404,7 @@ class Run:
         saved = [s for s in reader.checkpoint_steps() if s <= step]
         probes = torch.load(io.BytesIO(state["probes"].numpy().tobytes()), weights_only=False)
         self.recorder.load_state(probes)
-        writer = open_for_resume(self.path)
-        try:
-            writer.truncate(keep, checkpoint_step=saved[-1] if saved else None)
-            writer.declare(self.recorder.streams())
-            writer.prune_checkpoints(upto=step)
-        except BaseException:
-            writer.close_after_failure("failed")
-            raise
+        writer = reopen(self.path, keep, self.recorder, saved[-1] if saved else None, upto=step)
         self.recorder.resume(keep)
         self.step_count = step
         return writer
@@ -461,8 +417,9 @@ class Run:
             if self.resume:
                 writer = self._reopen()
             else:
+                static = {**static_arrays(self.data, self.cfg.record), **self.recorder.static()}
                 writer = create_store(
-                    self.path, self._attrs(), self.recorder.streams(), self._static(), overwrite=self.overwrite
+                    self.path, self._attrs(), self.recorder.streams(), static, overwrite=self.overwrite
                 )
         writer.resume_hint = "gentrace.Run(..., resume=True) and run.load_state_dict() from your checkpoint"
         if held.pending:
@@ -639,15 +596,11 @@ class Run:
         found = self._watch.first()
         if found is None:
             return
-        step, losses = found
-        self._diverged_at = step
+        self._diverged_at = found[0]
         if self.on_nan == "raise":
-            self.recorder.drop_from(step)
-            bad = int(np.flatnonzero(~np.isfinite(losses))[0])
-            raise TrainingDiverged(
-                f"the loss became {losses[bad]} at step {step} (model {bad}); lower the learning rate (now {lr:g}), "
-                "or pass on_nan='continue' to record on"
-            )
+            self.recorder.drop_from(found[0])
+            fix = f"lower the learning rate (now {lr:g}), or pass on_nan='continue' to record on"
+            raise self._watch.error(found, "model", fix)
 
     def _probe(self, step: int) -> None:
         """The probes' scheduled work at `step`, outside the user's autocast and no-grad contexts."""

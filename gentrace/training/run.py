@@ -26,13 +26,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from gentrace.core.config import RecordConfig, RunConfig, from_dict, to_dict
 from gentrace.core.errors import ConfigError, PeerFailed, StoreError, TrainingDiverged
+from gentrace.core.schedules import Timeline
 from gentrace.core.version import __version__
 from gentrace.record.base import RunContext
 from gentrace.record.ranks import Dist
@@ -84,7 +85,8 @@ def default_store_path(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.name}-{stamp}.zarr"
 
 
-def _to_device(data: Dataset, device: torch.device) -> Dataset:
+def to_device(data: Dataset, device: torch.device) -> Dataset:
+    """The data set with its tensors on `device` (what the probes evaluate on)."""
     return dataclasses.replace(
         data,
         x_train=data.x_train.to(device),
@@ -108,14 +110,21 @@ def prepare(cfg: RunConfig, device: torch.device, dist: Dist | None = None) -> t
     if dist.world > 1:
         model = check_config(cfg, model, device)
     models = [copy.deepcopy(model).to(device) for _ in range(cfg.train.replicates)]
-    on_device = _to_device(data, device)
+    on_device = to_device(data, device)
     trainer = Trainer(cfg, on_device, models, dist)
     ctx = RunContext(cfg.record, on_device, models, trainer.loss, trainer.timeline, device, cfg.train.lr, dist)
     recorder = Recorder(ctx, checkpointer=trainer)
     return trainer, recorder, data
 
 
-def _attrs(cfg: RunConfig, trainer: Trainer, data: Dataset, device: torch.device) -> dict[str, object]:
+def run_attrs(
+    cfg: RunConfig, data: Dataset, device: torch.device, loss: str, timeline: Timeline, processes: int = 1
+) -> dict[str, Any]:
+    """The root attributes a new store starts with: the config, versions, device and the run's shape.
+
+    `gentrace record` and `gentrace.Run` both write them (the latter adds its `own_loop` attribute);
+    `processes` is the number of torchrun ranks that recorded the run (1 = a single process).
+    """
     factories = plugins.recorded(cfg)
     return ({"factories": factories} if factories else {}) | {
         "gentrace_version": __version__,
@@ -124,13 +133,13 @@ def _attrs(cfg: RunConfig, trainer: Trainer, data: Dataset, device: torch.device
         "cuda_version": torch.version.cuda,
         "python_version": platform.python_version(),
         "device": str(device),
-        "processes": trainer.dist.world,  # torchrun ranks that recorded the run (1 = a single process)
-        "loss": trainer.loss,
+        "processes": processes,
+        "loss": loss,
         "num_classes": data.num_classes,
         "input_shape": list(data.input_shape),
         "replicates": cfg.train.replicates,
-        "steps_per_epoch": trainer.timeline.steps_per_epoch,
-        "total_steps": trainer.timeline.total_steps,
+        "steps_per_epoch": timeline.steps_per_epoch,
+        "total_steps": timeline.total_steps,
     }
 
 
@@ -179,7 +188,7 @@ def _start_new(
     """Create the store (Ctrl-C held until it exists whole) and train into it from step 0."""
     trainer, recorder, data = prepare(cfg, dev, dist)
     static = {**static_arrays(data, cfg.record), **recorder.static()}
-    attrs = _attrs(cfg, trainer, data, dev)
+    attrs = run_attrs(cfg, data, dev, trainer.loss, trainer.timeline, trainer.dist.world)
     writer = _open_whole(
         path, dist, dev, lambda: create_store(path, attrs, recorder.streams(), static, overwrite=overwrite)
     )
@@ -278,7 +287,7 @@ def _resume(
     trainer, recorder, _ = prepare(point.cfg, dev, dist)
     extra = trainer.restore(point.checkpoint)  # before the store is touched: a bad checkpoint destroys nothing
     recorder.load_state(extra.get("probes", {}))
-    writer = _open_whole(path, dist, dev, lambda: _reopen(path, point.keep, recorder, point.step))
+    writer = _open_whole(path, dist, dev, lambda: reopen(path, point.keep, recorder, point.step, upto=point.step))
     recorder.resume(point.keep)
     _train(trainer, recorder, writer, path, observers)
     return path
@@ -340,13 +349,17 @@ def _check_loadable(payload: bytes) -> None:
     checkpoint.check(payload)
 
 
-def _reopen(path: Path, keep: dict[str, int], recorder: Recorder, last: int) -> StoreWriter:
-    """Lock the store, cut every stream back to the rows at or before checkpoint `last`, drop later checkpoints."""
+def reopen(path: Path, keep: dict[str, int], recorder: Recorder, checkpoint_step: int | None, upto: int) -> StoreWriter:
+    """Lock the store for a resume: every stream cut back to `keep[stream]` rows, checkpoints after `upto` dropped.
+
+    `checkpoint_step` becomes the store's newest checkpoint (None: none is left). A failure on the way
+    marks the store `failed` and re-raises; the cut itself is crash-safe (StoreWriter.truncate).
+    """
     writer = open_for_resume(path)
     try:
-        writer.truncate(keep, checkpoint_step=last)
+        writer.truncate(keep, checkpoint_step=checkpoint_step)
         writer.declare(recorder.streams())
-        writer.prune_checkpoints(upto=last)
+        writer.prune_checkpoints(upto=upto)
     except BaseException:
         writer.close_after_failure("failed")
         raise
