@@ -16,6 +16,11 @@ import numpy as np
 import pytest
 import zarr
 
+# `train.threads = auto` sizes torch's threads by the machine's load at the start of each run, and the
+# thread count changes float rounding. Tests that compare two runs in one process need one count, so
+# the suite fixes it the way a user would (auto respects OMP_NUM_THREADS); test_threads.py tests auto.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
 if TYPE_CHECKING:
     from gentrace.record.base import StepInfo
 

@@ -39,6 +39,8 @@ Arch = Literal["mlp", "cnn", "resnet18", "vgg11", "alexnet"]
 
 # float32's largest finite value: training runs in float32, and torch refuses an lr or a weight decay above it
 FLOAT32_MAX = 3.4028234663852886e38
+# more intra-op threads than any machine has cores is a typo
+MAX_THREADS = 4096
 # torch.manual_seed takes seeds in [-2**63, 2**64)
 SEED_MAX = 2**64 - 1
 
@@ -124,6 +126,7 @@ class TrainConfig:
     lr_decay: LrDecay = LrDecay()
     loss: Literal["auto", "cross_entropy", "bce", "mse"] = "auto"
     replicates: int = field(default=1, metadata=_check(1))
+    threads: Literal["auto"] | int = "auto"
 
 
 @dataclass(frozen=True)
@@ -586,6 +589,11 @@ def is_regression(data: DataConfig) -> bool:
 def _validate_cross_fields(cfg: RunConfig) -> None:
     """Checks that involve several keys (the data set size is checked when the data is built)."""
     data, train = cfg.data, cfg.train
+    if isinstance(train.threads, int) and not 1 <= train.threads <= MAX_THREADS:
+        raise ConfigError(
+            f"train.threads = {train.threads} is impossible; give 1..{MAX_THREADS} threads, "
+            "or auto to let gentrace choose"
+        )
     if data.task != "multiclass" and data.name not in _BINARY_TASKS[data.task]:
         allowed = ", ".join(sorted(_BINARY_TASKS[data.task]))
         raise ConfigError(

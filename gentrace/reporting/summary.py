@@ -66,6 +66,7 @@ def summarize(reader: StoreReader) -> dict[str, Any]:
         "config": attrs.get("config", {}),
         "device": attrs.get("device"),
         "processes": attrs.get("processes", 1),
+        "threads": attrs.get("threads"),
         "torch_version": attrs.get("torch_version"),
         "gentrace_version": attrs.get("gentrace_version"),
         "total_steps": attrs.get("total_steps"),
@@ -116,6 +117,10 @@ def _ranks(processes: int) -> str:
     return f" x {processes} processes (torchrun)" if processes > 1 else ""
 
 
+def _threads(threads: int | None) -> str:
+    return f" ({threads} thread{'s' * (threads != 1)})" if isinstance(threads, int) else ""
+
+
 def render(summary: dict[str, Any]) -> str:
     """Human-readable text for `gentrace info`."""
     lines = [
@@ -124,7 +129,8 @@ def render(summary: dict[str, Any]) -> str:
         *([f"error      {summary['error']}"] if summary.get("error") else []),
         f"config     {describe_config(summary['config'])}",
         *([f"own loop   {describe_own_loop(summary['own_loop'])}"] if summary.get("own_loop") else []),
-        f"recorded   on {summary['device']}{_ranks(summary['processes'])} with torch {summary['torch_version']}, "
+        f"recorded   on {summary['device']}{_threads(summary.get('threads'))}{_ranks(summary['processes'])} "
+        f"with torch {summary['torch_version']}, "
         f"gentrace {summary['gentrace_version']}; {summary['total_steps']} optimizer steps planned",
         "",
         f"{'stream':<14}{'rows':>8}{'steps':>16}{'arrays':>8}{'raw':>12}{'on disk':>12}{'ratio':>8}",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import os
 import platform
 import signal
 import sys
@@ -45,6 +46,7 @@ from gentrace.task import checkpoint, plugins
 from gentrace.task.data import Dataset, build_data
 from gentrace.task.losses import output_dim, resolve_loss
 from gentrace.task.models import apply_freeze, build_model
+from gentrace.training import threads
 from gentrace.training.distributed import check_config, session
 from gentrace.training.loop import StepObserver, Trainer
 
@@ -134,6 +136,7 @@ def run_attrs(
         "python_version": platform.python_version(),
         "device": str(device),
         "processes": processes,
+        "threads": torch.get_num_threads(),
         "loss": loss,
         "num_classes": data.num_classes,
         "input_shape": list(data.input_shape),
@@ -185,14 +188,25 @@ def record(
 def _start_new(
     cfg: RunConfig, path: Path, dev: torch.device, dist: Dist, observers: Sequence[StepObserver], *, overwrite: bool
 ) -> None:
-    """Create the store (Ctrl-C held until it exists whole) and train into it from step 0."""
-    trainer, recorder, data = prepare(cfg, dev, dist)
-    static = {**static_arrays(data, cfg.record), **recorder.static()}
-    attrs = run_attrs(cfg, data, dev, trainer.loss, trainer.timeline, trainer.dist.world)
-    writer = _open_whole(
-        path, dist, dev, lambda: create_store(path, attrs, recorder.streams(), static, overwrite=overwrite)
-    )
-    _train(trainer, recorder, writer, path, observers)
+    """Create the store (Ctrl-C held until it exists whole) and train into it from step 0.
+
+    The thread count (`train.threads`, gentrace.training.threads) is chosen here and stored in the
+    `threads` attribute, which a resume reuses.
+    """
+    with threads.using(threads.choose(cfg.train.threads, local_world=_local_world())):
+        trainer, recorder, data = prepare(cfg, dev, dist)
+        static = {**static_arrays(data, cfg.record), **recorder.static()}
+        attrs = run_attrs(cfg, data, dev, trainer.loss, trainer.timeline, trainer.dist.world)
+        writer = _open_whole(
+            path, dist, dev, lambda: create_store(path, attrs, recorder.streams(), static, overwrite=overwrite)
+        )
+        _train(trainer, recorder, writer, path, observers)
+
+
+def _local_world() -> int:
+    """The torchrun ranks on this node (1 in a single process)."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 def _open_whole(
@@ -270,6 +284,7 @@ class _ResumePoint:
     step: int  # of the checkpoint resumed from
     keep: dict[str, int]  # stream -> rows at or before `step`
     checkpoint: bytes | None  # None: nothing was committed, start again from step 0
+    threads: int | None = None  # the stored thread count (None: a store from before `threads` was stored)
 
 
 def _resume(
@@ -284,12 +299,15 @@ def _resume(
     if point.checkpoint is None:  # killed before its first snapshot: nothing committed is lost by starting over
         _start_new(point.cfg, path, dev, dist, observers, overwrite=True)
         return path
-    trainer, recorder, _ = prepare(point.cfg, dev, dist)
-    extra = trainer.restore(point.checkpoint)  # before the store is touched: a bad checkpoint destroys nothing
-    recorder.load_state(extra.get("probes", {}))
-    writer = _open_whole(path, dist, dev, lambda: reopen(path, point.keep, recorder, point.step, upto=point.step))
-    recorder.resume(point.keep)
-    _train(trainer, recorder, writer, path, observers)
+    # the stored thread count: another one would round differently from the uninterrupted run
+    count = point.threads or threads.choose(point.cfg.train.threads, local_world=_local_world())
+    with threads.using(count):
+        trainer, recorder, _ = prepare(point.cfg, dev, dist)
+        extra = trainer.restore(point.checkpoint)  # before the store is touched: a bad checkpoint destroys nothing
+        recorder.load_state(extra.get("probes", {}))
+        writer = _open_whole(path, dist, dev, lambda: reopen(path, point.keep, recorder, point.step, upto=point.step))
+        recorder.resume(point.keep)
+        _train(trainer, recorder, writer, path, observers)
     return path
 
 
@@ -336,7 +354,9 @@ def _resume_point(cfg: RunConfig | None, path: Path) -> _ResumePoint | None:
                 f"warning: {path}: the checkpoint of {damaged[0]} is damaged; resuming from the one of step {last}\n"
             )
         keep = {s: int((reader.array(schema.step_of(s)) <= last).sum()) for s in reader.streams()}
-        return _ResumePoint(stored, last, keep, payload)
+        count = reader.attrs.get("threads")
+        valid = isinstance(count, int) and not isinstance(count, bool) and count > 0
+        return _ResumePoint(stored, last, keep, payload, count if valid else None)
     why = f" (damaged: {', '.join(damaged)})" if damaged else ""
     raise StoreError(
         f"{path} has no intact committed checkpoint to resume from{why}; nothing was changed. "
