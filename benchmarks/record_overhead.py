@@ -28,6 +28,7 @@ import statistics
 import struct
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ import torch
 
 import gentrace
 from gentrace.core import config
+from gentrace.moments.linear import bias_moments, weight_moments
 from gentrace.store import schema
 from gentrace.task.data import build_data
 from gentrace.task.models import build_model
@@ -217,6 +219,34 @@ def _timed(fn: object, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def _linear_operands(
+    models: list[torch.nn.Module], fwd_bwd: Callable[[int], None]
+) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """The (input, output gradient) of every nn.Linear in one forward + backward of each replicate."""
+    captured: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+    inputs: dict[torch.nn.Module, torch.Tensor] = {}
+    for m, model in enumerate(models):
+        handles = []
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                handles.append(module.register_forward_hook(lambda mod, a, out: inputs.__setitem__(mod, a[0].detach())))
+                handles.append(
+                    module.register_full_backward_hook(
+                        lambda mod, gin, gout: captured.append((inputs[mod], gout[0].detach(), True))
+                    )
+                )
+        fwd_bwd(m)
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def _moment_gemms(a: torch.Tensor, delta: torch.Tensor, signs: bool) -> None:
+    """The arithmetic the moments add to a Linear's backward (SPEC section 4): sumsq and the sign counts."""
+    weight_moments(a, delta, signs)
+    bias_moments(delta, signs)
+
+
 def floors(cfg: config.RunConfig, device: str) -> dict[str, float]:
     """Each stream's arithmetic, timed in this run: what recording it cannot cost less than.
 
@@ -224,6 +254,8 @@ def floors(cfg: config.RunConfig, device: str) -> dict[str, float]:
       the test set) at the training batch size, per evaluation;
     - grad (probe source): one forward + backward with parameter gradients over the moment samples, per row
       and replicate (the moments themselves come on top of it);
+    - grad + moment GEMMs (nn.Linear models): that, plus the GEMMs the moments cannot avoid (sumsq and the
+      sign counts of `moments.linear.weight_moments`, timed on the real operands of that pass);
     - acts: one no-grad forward over the probe samples, per row;
     - params, params_fine: a host copy of the recorded tensors, per row.
     """
@@ -258,6 +290,10 @@ def floors(cfg: config.RunConfig, device: str) -> dict[str, float]:
                 loss_fn(out_m.squeeze(-1) if not data.num_classes else out_m, target).backward()
 
         out["grad"] = len(probe.steps) * sum(_timed(lambda m=m: fwd_bwd(m), device) for m in range(len(models)))
+        captured = _linear_operands(models, fwd_bwd)
+        if captured:
+            gemms = _timed(lambda: [_moment_gemms(a, d, signs) for a, d, signs in captured], device)
+            out["grad + moment GEMMs"] = out["grad"] + len(probe.steps) * gemms
     if schema.ACTS.name in probes:
         probe = probes[schema.ACTS.name]
         count = len(probe.x)  # type: ignore[attr-defined]
@@ -283,9 +319,13 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true", help="skip the two plain-loop variants")
     parser.add_argument("--preset", choices=["cnn"], default=None, help="the CNN config on MNIST-format files")
     parser.add_argument("--root", type=Path, default=Path("."), help="where the stores are written (default .)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of every variant (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     data_root = tempfile.TemporaryDirectory(dir=args.root, prefix=".bench-data-")
-    overrides = list(args.overrides)
+    # every variant trains with the same thread count (`on` would otherwise choose its own: train.threads)
+    overrides = [f"train.threads={torch.get_num_threads()}", *args.overrides]
     if args.preset == "cnn":
         write_mnist_format(Path(data_root.name))
         overrides = [*CNN_PRESET, f"data.root='{data_root.name}'", *overrides]
@@ -327,6 +367,9 @@ def main() -> None:
             low = floor.get(group)
             ratio = f"{cost / low:>14.2f}" if low else f"{'-':>14}"
             print(f"{group:<18}{cost:>10.3f}{(low if low is not None else float('nan')):>10.3f}{ratio}")
+            gemms = floor.get(f"{group} + moment GEMMs")
+            if gemms:
+                print(f"{'  vs + moment GEMMs':<18}{cost:>10.3f}{gemms:>10.3f}{cost / gemms:>14.2f}")
     if "plain loop" in medians:
         plain = medians["plain loop + Run"] / medians["plain loop"]
         print(f"own-loop overhead ratio (plain loop + gentrace.Run / plain loop): {plain:.3f}")

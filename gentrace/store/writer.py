@@ -52,6 +52,9 @@ from gentrace.store.reader import check_gentrace_store, disk_usage
 
 CHECKPOINT_DIR = schema.CHECKPOINT_GROUP
 # Every chunk is written, even one that holds only fill values: a missing chunk is then always damage.
+# Rows handed over within this window (or until this many bytes) are written and committed together.
+COMMIT_EVERY_S = 0.5
+COMMIT_BYTES = 64 * 2**20
 WRITE_CONFIG = ArrayConfig(order="C", write_empty_chunks=True)
 CHUNK_FILE = re.compile(r"^c\.(\d+)(\.\d+)*$")
 
@@ -511,13 +514,35 @@ class StoreWriter:
         return math.ceil(used * (self._total_steps - self._last_step) / self._last_step)
 
     # -- background thread ----------------------------------------------------------------------
+    def _collect(self) -> list[RowBlock | _Finish | _Barrier | None]:
+        """The next items to write and commit together: rows for up to `COMMIT_EVERY_S` (or `COMMIT_BYTES`).
+
+        A recording hands over its rows in bursts (every probe due at an epoch's step, then the
+        per-step streams' blocks), so one window usually holds a whole burst.
+
+        Every commit costs fixed work (the root zarr.json rewritten and renamed, one zarr read-modify-write
+        per array whose chunks hold several rows, ~2-5 ms in all), and the writer shares the training
+        process's cores and GIL. Rows arriving within the window are written and committed as one:
+        a kill loses at most the window's rows, which were not committed (readable up to the last
+        committed row, as always), and `--resume` recomputes them from the last checkpoint anyway.
+        A row with a checkpoint (a resume point), a finish, a barrier or a close ends the window at once.
+        """
+        items: list[RowBlock | _Finish | _Barrier | None] = [self._queue.get()]
+        deadline = time.monotonic() + COMMIT_EVERY_S
+        held = _nbytes(items[0])
+        # At most the queue's length more: a writer stalled on a slow disk still holds back `put`.
+        while _joins_window(items[-1]) and len(items) <= self._queue.maxsize and held < COMMIT_BYTES:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            items.append(item)
+            held += _nbytes(item)
+        return items
+
     def _run(self) -> None:
         while True:
-            items = [self._queue.get()]
-            # Drain what else is queued: all its rows are written in one concurrent zarr call,
-            # then committed with one attrs update (each zarr round trip costs ~1-5 ms).
-            while items[-1] is not None and not self._queue.empty():
-                items.append(self._queue.get_nowait())
+            items = self._collect()
             pending: list[RowBlock] = []
             for item in items:
                 if isinstance(item, _Barrier):
@@ -706,6 +731,15 @@ class StoreWriter:
             array = zarr.open_array(self.root.store, path=path, mode="r+", zarr_format=3)
             self._arrays[path] = array.with_config(WRITE_CONFIG)
         return self._arrays[path]
+
+
+def _joins_window(item: object) -> bool:
+    """Whether more rows may join a commit ending with `item`: not after a checkpoint, finish, barrier or close."""
+    return isinstance(item, RowBlock) and item.checkpoint is None
+
+
+def _nbytes(item: object) -> int:
+    return sum(v.nbytes for v in item.arrays.values()) if isinstance(item, RowBlock) else 0
 
 
 def _same_codecs(a: Iterable[Any], b: Iterable[Any]) -> bool:
