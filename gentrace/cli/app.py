@@ -80,31 +80,40 @@ def record(
         raise config_mod.ConfigError("--resume continues the stored config; --set cannot change it")
     cfg = None if resume and config is None else config_mod.load(config, overrides)
 
+    from gentrace.cli.progress import IMPORTING_TORCH, TrainingProgress, preparing
     from gentrace.training import preflight
 
-    if not torchrun_worker():  # rank 0 speaks for all: the store path need not exist on the other nodes
-        preflight.record(cfg, out, device=device, resume=resume, overwrite=overwrite)
-    from gentrace.training import run  # torch is imported only once the config is known to be good
+    progress = None if quiet else TrainingProgress()
+    with preparing(progress, IMPORTING_TORCH):  # seconds on a cold start, before any other phase can be told
+        if not torchrun_worker():  # rank 0 speaks for all: the store path need not exist on the other nodes
+            preflight.record(cfg, out, device=device, resume=resume, overwrite=overwrite)
+        from gentrace.training import run  # torch is imported only once the config is known to be good
 
     # A scheduler's SIGTERM (job time limit, preemption) ends the run like Ctrl-C: flushed, resumable.
     signal.signal(signal.SIGTERM, _terminated)
-    from gentrace.cli.progress import TrainingProgress
     from gentrace.core.schedules import timeline
 
     shown = cfg
     if shown is None and out is not None and resume and not quiet:
         shown = config_mod.from_dict(StoreReader(out).config)
     observers: list[Any] = []
-    progress = None
-    if not quiet and shown is not None:
+    if progress is not None and shown is not None:
         tl = timeline(shown.data.n_train, shown.train.batch_size, shown.train.epochs)
         batch = min(shown.train.batch_size or shown.data.n_train, shown.data.n_train)
-        progress = TrainingProgress(tl.total_steps, tl.epochs, batch * shown.train.replicates)
+        progress.plan(tl.total_steps, tl.epochs, batch * shown.train.replicates)
         observers.append(progress)
     try:
-        if progress is not None:
+        if progress is not None and observers:
             with progress:
-                path = run.record(cfg, out, device=device, resume=resume, overwrite=overwrite, observers=observers)
+                path = run.record(
+                    cfg,
+                    out,
+                    device=device,
+                    resume=resume,
+                    overwrite=overwrite,
+                    observers=observers,
+                    phase=progress.on_phase,
+                )
         else:
             path = run.record(cfg, out, device=device, resume=resume, overwrite=overwrite, observers=observers)
     except run.Interrupted as exc:
@@ -235,8 +244,7 @@ def compact(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Rewrite a finished run's per-row chunk files into multi-row shards (far fewer files; same data)."""
-    from rich.progress import Progress
-
+    from gentrace.cli.progress import CountProgress
     from gentrace.store import compact as compact_mod
 
     if not (math.isfinite(shard_mb) and shard_mb * 2**20 >= 1):
@@ -245,11 +253,8 @@ def compact(
 
     preflight.compact(store)
     total = compact_mod.array_count(store)
-    with Progress(transient=True, disable=quiet, console=_stderr_console()) as bar:
-        task = bar.add_task("compacting", total=total)
-        report = compact_mod.compact(
-            store, shard_bytes=int(shard_mb * 2**20), final=final, on_array=lambda _: bar.advance(task)
-        )
+    with CountProgress("compacting", total, quiet=quiet) as bar:
+        report = compact_mod.compact(store, shard_bytes=int(shard_mb * 2**20), final=final, on_array=bar.advance)
     if not quiet:
         mib = 2**20
         typer.echo(
@@ -267,17 +272,15 @@ def verify(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Read every committed chunk and checkpoint of a store; exit 1 and list the damaged rows if any."""
-    from rich.progress import Progress
-
+    from gentrace.cli.progress import CountProgress
     from gentrace.core.errors import DamagedStoreError
     from gentrace.store.verify import verify as verify_store
 
     total = sum(
         len(paths) for paths in StoreReader(store, compacting_ok=True, check_checkpoint=False).streams().values()
     )
-    with Progress(transient=True, disable=quiet, console=_stderr_console()) as bar:
-        task = bar.add_task("verifying", total=total)
-        reports = verify_store(store, on_array=lambda _: bar.advance(task))
+    with CountProgress("verifying", total, quiet=quiet) as bar:
+        reports = verify_store(store, on_array=bar.advance)
     lines = ["stream,arrays,rows,chunks_read,mib_read,status"]
     damaged = []
     for r in reports:
@@ -291,14 +294,6 @@ def verify(
         raise DamagedStoreError(
             f"{store}: {len(damaged)} damaged pieces (listed above); the rows before them are sound"
         )
-
-
-def _stderr_console() -> Any:
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    console.quiet = not console.is_terminal  # a progress bar on a pipe or file leaves only an empty line
-    return console
 
 
 app.add_typer(analyze_app, name="analyze")

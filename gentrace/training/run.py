@@ -54,6 +54,24 @@ T = TypeVar("T")
 
 PEER_GRACE_S = 10.0
 
+Phase = Callable[[str], None]
+"""Told the name of each preparation phase as it begins (what a progress display shows before step 1)."""
+
+# The phases `record` reports, in order. A new run: data, models, store, step 0's probes, training, close;
+# a resume: reading the store, data, models, checkpoint, reopening the store, training, close.
+READING_STORE = "reading store"
+LOADING_DATA = "loading data"
+BUILDING_MODELS = "building models"
+CREATING_STORE = "creating store"
+RESTORING_CHECKPOINT = "restoring checkpoint"
+REOPENING_STORE = "reopening store"
+STEP0_PROBES = "step 0 probes"
+CLOSING_STORE = "closing store"
+
+
+def _silent(phase: str) -> None:
+    """The default phase callback: nobody is watching."""
+
 
 class Interrupted(Exception):
     """SIGINT during recording: the store was flushed and marked `interrupted`."""
@@ -98,13 +116,20 @@ def to_device(data: Dataset, device: torch.device) -> Dataset:
     )
 
 
-def prepare(cfg: RunConfig, device: torch.device, dist: Dist | None = None) -> tuple[Trainer, Recorder, Dataset]:
-    """Build data, models, trainer and recorder; raises on any bad input before a store exists."""
+def prepare(
+    cfg: RunConfig, device: torch.device, dist: Dist | None = None, phase: Phase = _silent
+) -> tuple[Trainer, Recorder, Dataset]:
+    """Build data, models, trainer and recorder; raises on any bad input before a store exists.
+
+    `phase` is told LOADING_DATA, then BUILDING_MODELS (the models, their copies on the device, the probes).
+    """
     dist = dist or Dist()
+    phase(LOADING_DATA)
     data = build_data(cfg.data, cfg.train.replicates)
     loss = resolve_loss(cfg.train.loss, data.num_classes)
     if loss == "bce" and data.num_classes != 2:
         raise ConfigError(f"train.loss = 'bce' needs two classes; this data has {data.num_classes}")
+    phase(BUILDING_MODELS)
     model = build_model(cfg.model, data.input_shape, output_dim(loss, data.num_classes))
     apply_freeze(model, cfg.model.freeze)
     if not any(p.requires_grad for p in model.parameters()):
@@ -168,8 +193,13 @@ def record(
     resume: bool = False,
     overwrite: bool = False,
     observers: Sequence[StepObserver] = (),
+    phase: Phase = _silent,
 ) -> Path:
-    """Record a run into `out` (or continue the run stored there with `resume`); returns the store path."""
+    """Record a run into `out` (or continue the run stored there with `resume`); returns the store path.
+
+    `observers` see every optimizer step; `phase` is told each phase before, between and after them
+    (LOADING_DATA ... CLOSING_STORE, in the order listed at the top of this module).
+    """
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; choose one")
     with session(device) as (dist, dist_device):
@@ -177,16 +207,23 @@ def record(
         if resume:
             if out is None:
                 raise ConfigError("--resume needs --out STORE: the store to continue")
-            return _resume(cfg, out, dev, observers, dist)
+            return _resume(cfg, out, dev, observers, dist, phase)
         assert cfg is not None
         path = Path(str(dist.broadcast(out if out is not None else default_store_path(cfg))))  # rank 0's timestamp
         _on_main(dist, dev, lambda: _check_new(path, overwrite))
-        _start_new(cfg, path, dev, dist, observers, overwrite=overwrite)
+        _start_new(cfg, path, dev, dist, observers, phase, overwrite=overwrite)
     return path
 
 
 def _start_new(
-    cfg: RunConfig, path: Path, dev: torch.device, dist: Dist, observers: Sequence[StepObserver], *, overwrite: bool
+    cfg: RunConfig,
+    path: Path,
+    dev: torch.device,
+    dist: Dist,
+    observers: Sequence[StepObserver],
+    phase: Phase,
+    *,
+    overwrite: bool,
 ) -> None:
     """Create the store (Ctrl-C held until it exists whole) and train into it from step 0.
 
@@ -194,13 +231,14 @@ def _start_new(
     `threads` attribute, which a resume reuses.
     """
     with threads.using(threads.choose(cfg.train.threads, local_world=_local_world())):
-        trainer, recorder, data = prepare(cfg, dev, dist)
+        trainer, recorder, data = prepare(cfg, dev, dist, phase)
+        phase(CREATING_STORE)
         static = {**static_arrays(data, cfg.record), **recorder.static()}
         attrs = run_attrs(cfg, data, dev, trainer.loss, trainer.timeline, trainer.dist.world)
         writer = _open_whole(
             path, dist, dev, lambda: create_store(path, attrs, recorder.streams(), static, overwrite=overwrite)
         )
-        _train(trainer, recorder, writer, path, observers)
+        _train(trainer, recorder, writer, path, observers, phase)
 
 
 def _local_world() -> int:
@@ -288,26 +326,31 @@ class _ResumePoint:
 
 
 def _resume(
-    cfg: RunConfig | None, path: Path, dev: torch.device, observers: Sequence[StepObserver], dist: Dist
+    cfg: RunConfig | None, path: Path, dev: torch.device, observers: Sequence[StepObserver], dist: Dist, phase: Phase
 ) -> Path:
     # Rank 0 alone reads the store and hands the others what they need: under torchrun --nnodes the
     # store need not be on a file system that every node sees.
+    phase(READING_STORE)
     point = dist.broadcast(_on_main(dist, dev, lambda: _resume_point(cfg, path)))
     if point is None:  # the run is complete
         return path
     assert isinstance(point, _ResumePoint)
     if point.checkpoint is None:  # killed before its first snapshot: nothing committed is lost by starting over
-        _start_new(point.cfg, path, dev, dist, observers, overwrite=True)
+        _start_new(point.cfg, path, dev, dist, observers, phase, overwrite=True)
         return path
     # the stored thread count: another one would round differently from the uninterrupted run
     count = point.threads or threads.choose(point.cfg.train.threads, local_world=_local_world())
     with threads.using(count):
-        trainer, recorder, _ = prepare(point.cfg, dev, dist)
+        trainer, recorder, _ = prepare(point.cfg, dev, dist, phase)
+        phase(RESTORING_CHECKPOINT)
         extra = trainer.restore(point.checkpoint)  # before the store is touched: a bad checkpoint destroys nothing
         recorder.load_state(extra.get("probes", {}))
-        writer = _open_whole(path, dist, dev, lambda: reopen(path, point.keep, recorder, point.step, upto=point.step))
+        phase(REOPENING_STORE)
+        writer = _open_whole(
+            path, dist, dev, lambda: reopen(path, point.keep, recorder, point.step, upto=point.step)
+        )
         recorder.resume(point.keep)
-        _train(trainer, recorder, writer, path, observers)
+        _train(trainer, recorder, writer, path, observers, phase)
     return path
 
 
@@ -392,12 +435,16 @@ def _train(
     writer: StoreWriter | None,
     path: Path,
     observers: Sequence[StepObserver],
+    phase: Phase = _silent,
 ) -> None:
     """Train with `writer` taking the rows (None: a torchrun rank other than 0, whose rows are dropped)."""
     recorder.attach(writer)
     try:
         with recorder:
+            if not trainer.restored:  # Trainer.run begins with step 0's probe pass, before the first step
+                phase(STEP0_PROBES)
             trainer.run(recorder, observers)
+            phase(CLOSING_STORE)  # the recorder's last flush (leaving `with`) and the writer's close
     except KeyboardInterrupt:
         with held_interrupts():  # a second Ctrl-C must not cut the flush short
             try:
