@@ -215,6 +215,13 @@ ERRORS: list[tuple[str, list[str], str]] = [
     ("unknown-top-level-key", ["bogus=1"], r"unknown config key bogus\b"),
     ("unknown-section", ["optim.lr=1"], r"unknown config key optim\b"),
     ("unknown-key-in-section", ["train.lrr=0.1"], r"unknown config key train\.lrr\b.*lr"),
+    # the closest known name, where one is close (difflib), before the list
+    ("close-key", ["train.lrr=0.1"], r"unknown config key train\.lrr; did you mean `lr`\? known keys here: optim"),
+    ("close-section", ["trian.lr=0.1"], r"unknown config key trian; did you mean `train`\? known keys here"),
+    ("no-close-key", ["bogus=1"], r"unknown config key bogus; known keys here"),
+    ("close-choice", ["train.optimizer=adma"], r"'adma' is not allowed; did you mean `adam`\? choose one of: sgd"),
+    ("close-arch", ["model.arch=mpl"], r"model\.arch = 'mpl' is not allowed; did you mean `mlp`\? choose one of"),
+    ("close-data-set", ["data.name=digit"], r"data\.name = 'digit' is not allowed; did you mean `digits`\?"),
     ("unknown-key-in-inline-table", ["train.lr_decay.every=2"], r"unknown config key train\.lr_decay\.every\b"),
     ("unknown-key-in-nested-table", ["record.params.every=2"], r"unknown config key record\.params\.every\b"),
     ("unknown-key-in-set-table", ["train.lr_decay={every=5}"], r"unknown config key train\.lr_decay\.every\b"),

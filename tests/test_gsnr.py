@@ -258,7 +258,7 @@ def test_cli_csv_json_tsv_and_file(stores: dict[str, Any], tmp_path: Path) -> No
     out = tmp_path / "params.json"
     done = run_cli("analyze", "gsnr", path, "--by", "param", "-f", "json", "-o", out)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == ""
+    assert done.stdout == f"{out}\n"  # the file written: the one line on stdout
     records = json.loads(out.read_text())
     assert list(records[0]) == gsnr.COLUMNS["param"]
     assert len(records) == len(gsnr.run(reader, by="param"))

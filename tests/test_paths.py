@@ -469,7 +469,7 @@ def test_plot(stores: dict[str, Any], tmp_path: Path) -> None:
     figure = tmp_path / "cli.png"
     done = run_cli("plot", "paths", path, stores["sparse-units-37"][0], "--layer", "fc.1", "-o", figure)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == ""
+    assert done.stdout == f"{figure}\n"  # the figure written: the one line on stdout
     assert imread(figure).shape[:2] == (height, width)
     done = run_cli("plot", "paths", path, "--layer", "nope", "-o", figure)
     assert done.returncode == 2

@@ -57,7 +57,7 @@ def test_cli(stores: list[Path], tmp_path: Path) -> None:
     figure = tmp_path / "gsnr.png"
     done = run_cli("plot", "gsnr", *stores, "-o", figure)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == ""
+    assert done.stdout == f"{figure}\n"  # the figure written: the one line on stdout
     assert pixel_size(figure) == (1000, 400)
     done = run_cli("plot", "osgr", stores[0], "-o", tmp_path / "missing" / "osgr.png")
     assert done.returncode == 2

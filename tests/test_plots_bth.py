@@ -48,7 +48,7 @@ def test_plot_writes_a_png_of_the_documented_size(stores: list[Path], tmp_path: 
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout == ""
+    assert done.stdout == f"{out}\n"  # the figure written: the one line on stdout
     image = imread(out)
     assert image.shape[:2] == (int(plots.CURVES_SIZE[1] * plots.DPI), int(plots.CURVES_SIZE[0] * plots.DPI))
 

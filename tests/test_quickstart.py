@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -26,12 +27,37 @@ def gentrace(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+# The README's set-up runs `.venv/bin/gentrace record` without activating the venv: the quick start is
+# recorded the same way, by the venv's console script at a relative path (with a space, to test the
+# quoting) that PATH does not lead to, so the hints must name the program as it was invoked.
+PROGRAM = "my venv/bin/gentrace"
+
+
+def _without_gentrace_on_path(script: Path) -> dict[str, str]:
+    """The test environment with no PATH entry that holds this venv's `gentrace`."""
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    kept = [e for e in entries if e and os.path.abspath(e) != str(script.parent.absolute())]
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": os.pathsep.join(kept)}
+
+
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     cwd = tmp_path_factory.mktemp("qs")
-    done = gentrace("record", cwd=cwd)
+    script = Path(sys.executable).parent / "gentrace"
+    assert script.is_file(), f"{script} is missing: install gentrace into this venv (pip install -e '.[test]')"
+    (cwd / PROGRAM).parent.mkdir(parents=True)
+    (cwd / PROGRAM).symlink_to(script)
+    done = subprocess.run(
+        [PROGRAM, "record"], cwd=cwd, env=_without_gentrace_on_path(script), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     return cwd / done.stdout.strip(), done
+
+
+def _hints(done: subprocess.CompletedProcess[str]) -> list[str]:
+    """The commands `record` printed after `next, try:` (indented by two spaces)."""
+    lines = done.stderr.splitlines()
+    return [line.strip() for line in lines[lines.index("next, try:") + 1 :] if line.startswith("  ")]
 
 
 def test_quickstart_prints_store_and_next_commands(quickstart: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
@@ -39,7 +65,7 @@ def test_quickstart_prints_store_and_next_commands(quickstart: tuple[Path, subpr
     assert done.stdout.strip().startswith("runs/quickstart-")
     assert done.stdout.strip().endswith(".zarr")
     assert len(done.stdout.strip().splitlines()) == 1  # stdout: the store path only
-    assert f"gentrace info {done.stdout.strip()}" in done.stderr
+    assert f"{shlex.quote(PROGRAM)} info {done.stdout.strip()}" in done.stderr  # the program as invoked, quoted
     assert "Traceback" not in done.stderr
     assert path.is_dir()
 
@@ -127,13 +153,23 @@ def test_quickstart_feeds_every_analysis_it_records(quickstart: tuple[Path, subp
     assert "record.eval_every_steps" in osgr.stderr
 
 
-def test_every_suggested_command_runs(quickstart: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+def test_every_printed_hint_runs_as_printed(quickstart: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """Each hint, split as a shell would split it, runs where `record` ran, gentrace not on PATH."""
     path, done = quickstart
-    suggested = [line.strip() for line in done.stderr.splitlines() if line.strip().startswith("gentrace analyze")]
-    kinds = {line.split()[2] for line in suggested}
-    assert {"gsnr", "paths", "trajectory", "lipschitz", "mi"} <= kinds
-    for line in suggested:
-        args = line.split()[1:]
-        result = gentrace(*args, cwd=path.parent.parent)
-        assert result.returncode == 0, (line, result.stderr)
-        assert result.stdout.count("\n") >= 2, line  # a header and at least one row
+    hints = [shlex.split(line) for line in _hints(done)]
+    venv_python = [argv for argv in hints if Path(argv[0]).parent == Path(sys.executable).parent]
+    assert [argv[0] for argv in hints if argv not in venv_python] == [PROGRAM] * (len(hints) - 1)  # as invoked
+    assert [argv[1] for argv in venv_python] == ["-c"]  # python by the venv's path (PATH finds another one)
+    analyses = {argv[2] for argv in hints if argv[0] == PROGRAM and argv[1] == "analyze"}
+    assert {"gsnr", "paths", "trajectory", "lipschitz", "mi"} <= analyses
+    assert {argv[1] for argv in hints if argv[0] == PROGRAM} == {"info", "analyze", "plot"}
+    env = _without_gentrace_on_path(Path(sys.executable).parent / "gentrace")
+    for argv in hints:
+        result = subprocess.run(argv, cwd=path.parent.parent, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (argv, result.stderr)
+        assert result.stdout.strip(), argv
+        if argv[1] == "analyze":
+            assert result.stdout.count("\n") >= 2, argv  # a header and at least one row
+        if argv[1] == "plot":  # the figure written is the one line on stdout
+            assert result.stdout == f"{argv[argv.index('-o') + 1]}\n"
+            assert (path.parent.parent / result.stdout.strip()).stat().st_size > 1000

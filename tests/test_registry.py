@@ -230,7 +230,7 @@ def test_suggestions_come_from_the_entries(
         f"gentrace analyze trajectory {path}",
         f"gentrace analyze lipschitz {path} --where train",
         f"gentrace analyze mi {path} --summary",
-        f"python -c \"import zarr; print(zarr.open_group('{path}', mode='r').tree())\"",
+        f"""python -c 'import zarr; print(zarr.open_group("{path}", mode="r").tree())'""",
     ]
     trial = _trial(tmp_path, monkeypatch)
     monkeypatch.setitem(REGISTRY, "trial", trial)

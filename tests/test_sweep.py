@@ -57,6 +57,7 @@ def test_sweep_end_to_end_and_rerun_skips(tmp_path: Path) -> None:
     args = ["sweep", str(cfg), "--grid", "train.lr=0.05,0.1", "--out", str(out), "--device", "cpu"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
+    assert first.stdout == f"{out}\n"  # the sweep directory is the one line on stdout; the rest went to stderr
     manifest = json.loads((out / sweep.MANIFEST).read_text())
     stores = [out / entry["store"] for entry in manifest["points"]]
     assert [entry["values"] for entry in manifest["points"]] == [{"train.lr": 0.05}, {"train.lr": 0.1}]

@@ -15,6 +15,7 @@ reason too; tests/test_registry.py checks them against the modules' own constant
 from __future__ import annotations
 
 import importlib
+import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -131,7 +132,8 @@ class Analysis:
             return []
         if self.suggest_if is not None and not self.suggest_if(reader):
             return []
-        return [line.format(path=reader.path) for line in self.suggest]
+        path = shlex.quote(str(reader.path))  # one shell word, spaces and all: the hint runs as printed
+        return [line.format(path=path) for line in self.suggest]
 
 
 def replicate(value: str) -> int | None:

@@ -2,9 +2,10 @@
 
 The commands are built from the analyses' registry (gentrace.analyses.registry): one `analyze NAME`
 and one `plot NAME` per entry, with the entry's help and options. Tables go to stdout as CSV unless
-`--format` or `-o` say otherwise (gentrace.cli.output); figures go to the `-o` file
-(gentrace.reporting.plots). The analyses, pandas and matplotlib are imported inside the commands, so
-`gentrace --help` and `gentrace record` do not pay for them.
+`--format` or `-o` say otherwise (gentrace.cli.output: the `-o` extension picks the format); figures go
+to the `-o` file (gentrace.reporting.plots). A file written is named on stdout, its one line. The
+analyses, pandas and matplotlib are imported inside the commands, so `gentrace --help` and
+`gentrace record` do not pay for them.
 """
 
 from __future__ import annotations
@@ -48,8 +49,16 @@ AnalyzeStoresArg = Annotated[
         show_default=False,
     ),
 ]
-FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Table format.")]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")]
+FormatOpt = Annotated[
+    Format | None,
+    typer.Option(
+        "--format", "-f", help="Table format; without it, the -o file's extension (.csv .tsv .json .parquet), else csv."
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Write to this file instead of stdout (its path is then printed on stdout)."),
+]
 FigureOpt = Annotated[
     Path, typer.Option("--out", "-o", help="Image file; the extension picks the format (.png, .pdf, .svg).")
 ]
@@ -82,32 +91,47 @@ def _writable(out: Path | None, example: str = "out.csv") -> None:
         raise ConfigError(f"-o {out}: cannot write there ({why}); give another -o")
 
 
-def _figure_file(out: Path) -> None:
-    """`plot -o FIG`: a writable file whose extension matplotlib can write (.png, .pdf, .svg, ...)."""
-    _writable(out, "figure.png")
+def _figure_file(out: Path) -> Path:
+    """`plot -o FIG`: the file matplotlib will write, checked writable and of a format it can write (.png, .pdf, ...).
+
+    A name without an extension gets matplotlib's default format's (`savefig.format`, png) appended, as
+    savefig does: `-o outdir` writes and prints `outdir.png`.
+    """
+    import matplotlib
     from matplotlib.backend_bases import FigureCanvasBase
+
+    if not out.suffix and not out.is_dir():
+        out = out.with_name(f"{out.name}.{matplotlib.rcParams['savefig.format']}")
+    _writable(out, "figure.png")
 
     formats = FigureCanvasBase.get_supported_filetypes()
     if out.suffix and out.suffix[1:].lower() not in formats:
         known = ", ".join(f".{f}" for f in sorted(formats))
         raise ConfigError(f"-o {out}: matplotlib cannot write {out.suffix} figures; use one of {known}")
+    return out
 
 
-def _emit(table: pd.DataFrame | Iterable[pd.DataFrame], fmt: Format, out: Path | None) -> None:
+def _emit(table: pd.DataFrame | Iterable[pd.DataFrame], fmt: str, out: Path | None) -> None:
+    """Write the table as `fmt` (resolved by `output.resolve_format`) to `out`, or to stdout.
+
+    With `-o`, the file written is the one line on stdout (the rule of every command that writes a file).
+    """
     from gentrace.cli import output as report
 
     _writable(out)
     try:
-        report.write(table, fmt.value, out)
+        report.write(table, fmt, out)
     except BrokenPipeError:
         # The reader of stdout went away (`| head`): stop quietly, like any Unix filter.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise typer.Exit(141) from None
+    if out is not None:
+        typer.echo(str(out))
 
 
 def _emit_on_dask(
-    stores: list[Path], make_plan: Callable[[StoreReader, int], Any], address: str, fmt: Format, out: Path | None
+    stores: list[Path], make_plan: Callable[[StoreReader, int], Any], address: str, fmt: str, out: Path | None
 ) -> None:
     """`--dask ADDRESS`: run each store's plan on the cluster (gentrace.analyses.dask_backend), same table."""
     from gentrace.analyses import dask_backend
@@ -176,17 +200,23 @@ def analyze_command(entry: Analysis) -> Callable[..., None]:
     if clash:
         raise ValueError(f"analysis {entry.name}: options {clash} clash with the command's own {_RESERVED}")
 
-    def command(stores: list[Path], fmt: Format, out: Path | None, dask: str | None = None, **given: Any) -> None:
+    def command(
+        stores: list[Path], fmt: Format | None, out: Path | None, dask: str | None = None, **given: Any
+    ) -> None:
+        from gentrace.cli.output import resolve_format
+
+        table_format = resolve_format(None if fmt is None else fmt.value, out)  # before any work
         values = _values(entry.options, given)
         if dask is not None:
-            _emit_on_dask(stores, lambda reader, parts: entry.chunk_plan(reader, parts, values), dask, fmt, out)
+            plan = entry.chunk_plan
+            _emit_on_dask(stores, lambda reader, parts: plan(reader, parts, values), dask, table_format, out)
             return
-        _emit(over_stores(stores, lambda reader: entry.tables(reader, values)), fmt, out)
+        _emit(over_stores(stores, lambda reader: entry.tables(reader, values)), table_format, out)
 
     parameters = [
         inspect.Parameter("stores", _KEYWORD, annotation=AnalyzeStoresArg),
         *(_parameter(option) for option in entry.options),
-        inspect.Parameter("fmt", _KEYWORD, default=Format.csv, annotation=FormatOpt),
+        inspect.Parameter("fmt", _KEYWORD, default=None, annotation=FormatOpt),
         inspect.Parameter("out", _KEYWORD, default=None, annotation=OutOpt),
     ]
     if entry.plan:
@@ -203,14 +233,14 @@ def plot_command(entry: Analysis, plot: Plot) -> Callable[..., None]:
     def command(stores: list[Path], out: Path, **given: Any) -> None:
         from gentrace.reporting import plots
 
-        _figure_file(out)
+        out = _figure_file(out)
         values = _values(plot.options, given)
         readers = [StoreReader(store) for store in stores]
         if plot.function:
             drawn = getattr(plots, plot.function)(readers, out, **values)
         else:
             drawn = plots.plot_columns(readers, out, lambda r: entry.run(r, **values), plot.columns, entry.name)
-        typer.echo(str(drawn), err=True)
+        typer.echo(str(drawn))  # the figure is what `plot` produces: its path is the one line on stdout
 
     parameters = [
         inspect.Parameter("stores", _KEYWORD, annotation=StoresArg),

@@ -3,6 +3,11 @@
 Exit codes (SPEC section 1): 0 success, 1 runtime failure (diverged, writer failure), 2 bad
 usage or bad input, 130 interrupted. A GentraceError becomes one `error: ...` line on stderr;
 any other exception keeps its traceback (it is a bug).
+
+Stdout holds a command's data; a command whose product is a file (record's store, sweep's
+directory, compact's store, plot's figure, `analyze -o FILE`) prints that path as the one stdout
+line instead. Progress, summaries and next-step hints (gentrace.cli.hints: they run as printed) go
+to stderr.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import typer
 from gentrace.analyses.registry import REGISTRY
 from gentrace.cli.analyze import analyze_app, plot_app
 from gentrace.cli.errors import error_line as _err
-from gentrace.cli.errors import torchrun_worker, user_errors
+from gentrace.cli.errors import torchrun_worker, usage_message, user_errors
+from gentrace.cli.hints import quote, runnable
 from gentrace.core import config as config_mod
 from gentrace.store.reader import StoreReader
 
@@ -146,10 +152,11 @@ def check(
 
     table, summary = check_mod.check(cfg, device=device)
     write(table, "csv")
-    args = [str(config)] if config is not None else []
+    args = [shlex.quote(str(config))] if config is not None else []
     args += [f"--set {shlex.quote(item)}" for item in overrides]
     args += [f"--device {shlex.quote(device)}"] if device != "auto" else []
-    lines = [*check_mod.summary_lines(summary), "next, record it:", f"  gentrace record {' '.join(args)}".rstrip()]
+    record_it = runnable(f"gentrace record {' '.join(args)}".rstrip())
+    lines = [*check_mod.summary_lines(summary), "next, record it:", f"  {record_it}"]
     typer.echo("\n".join(lines), err=True)
 
 
@@ -169,19 +176,23 @@ def _quiet_exit() -> None:
 
 
 def _after_record(path: Path, quiet: bool) -> None:
-    """Tell the user where the store is and what to run next (stderr: stdout stays data only)."""
+    """The store's path, the one line on stdout; on stderr the next commands, as they run (gentrace.cli.hints)."""
     if not quiet:
-        lines = [f"store written: {path}", "next, try:", f"  gentrace info {path}"]
-        lines += [f"  {command}" for command in suggestions(StoreReader(path))]
+        lines = [f"store written: {path}", "next, try:", f"  {runnable(f'gentrace info {quote(path)}')}"]
+        lines += [f"  {runnable(command)}" for command in suggestions(StoreReader(path))]
         typer.echo("\n".join(lines), err=True)
     typer.echo(str(path))
 
 
 def suggestions(reader: StoreReader) -> list[str]:
-    """The `analyze` and `plot` commands that this store can answer (each registry entry's), then a look inside."""
+    """The `analyze` and `plot` commands that this store can answer (each registry entry's), then a look inside.
+
+    Written `gentrace ...` and `python ...`; `_after_record` prints them as this process can run them.
+    """
     entries = sorted(REGISTRY.values(), key=lambda entry: entry.hint_order)  # stable: ties keep the registry's order
     out = [line for entry in entries for line in entry.suggestions(reader)]
-    out.append(f"python -c \"import zarr; print(zarr.open_group('{reader.path}', mode='r').tree())\"")
+    tree = f'import zarr; print(zarr.open_group({json.dumps(str(reader.path))}, mode="r").tree())'
+    out.append(f"python -c {quote(tree)}")
     return out
 
 
@@ -229,7 +240,7 @@ def sweep(
         raise typer.Exit(130) from None
     if not quiet:
         typer.echo(f"sweep written: {out} ({len(stores)} stores); next, try:", err=True)
-        typer.echo(f"  gentrace analyze trajectory {out}", err=True)
+        typer.echo(f"  {runnable(f'gentrace analyze trajectory {quote(out)}')}", err=True)
     typer.echo(str(out))
 
 
@@ -305,7 +316,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except _usage_error_types() as exc:
-        _err(exc.format_message())  # type: ignore[attr-defined]
+        _err(usage_message(exc))
         sys.exit(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         _quiet_exit()

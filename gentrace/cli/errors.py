@@ -4,6 +4,9 @@ Shared by `gentrace.cli` and `gentrace.cli.analyze` (which `cli` imports, so it 
 Only GentraceError is caught, and an OSError that names a file (a read-only mount, a full disk: one line
 naming the file); any other exception keeps its traceback (it is a bug).
 
+A click/typer usage error (a bad option value) becomes one line too (`usage_message`), the closest
+choice suggested.
+
 Under torchrun rank 0 prints as a single process would. The other ranks print their own errors as
 `error: [rank N] message`: data must be readable on every node, so a rank may fail where rank 0 did
 not (torchrun itself then reports only that a child failed). The exception is
@@ -21,7 +24,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from gentrace.core.errors import ConfigError, GentraceError, PeerFailed
+from gentrace.core.errors import ConfigError, GentraceError, PeerFailed, did_you_mean
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -109,3 +112,28 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(error.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+# typer >= 0.2x coerces values with pydantic, whose message for a ValueError starts with this
+PYDANTIC_PREFIX = re.compile(r"^(Value error|Assertion failed), ")
+# a choice option's value that is none of the choices (typer's and click's wording alike)
+NOT_ONE_OF = re.compile(r"(?P<given>'[^']*') is not one of (?P<choices>'.*')\.?$")
+
+
+def usage_message(exc: Exception) -> str:
+    """A click/typer usage error as one line without pydantic's `Value error, ` and with the closest choice.
+
+    `Invalid value for '--kind': 'crosss' is not one of 'overlap', 'cross', ...; did you mean `cross`?`
+    (typer itself already suggests the closest command for an unknown one).
+    """
+    message = getattr(exc, "message", None)
+    if isinstance(message, str):
+        given = PYDANTIC_PREFIX.sub("", message)
+        match = NOT_ONE_OF.search(given)
+        if match:
+            choices = re.findall(r"'([^']*)'", match["choices"])
+            guess = did_you_mean(match["given"][1:-1], choices).strip()
+            if guess:
+                given = f"{given[: match.end('choices')]}; {guess}"
+        exc.message = given  # type: ignore[attr-defined]  # format_message() puts the option name before it
+    return str(exc.format_message()) if hasattr(exc, "format_message") else str(exc)

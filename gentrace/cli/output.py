@@ -2,6 +2,11 @@
 
 table    a rich table for reading in a terminal (all rows at once), NaN as an empty cell,
          floats with 6 significant digits.
+
+The format is `--format` if given, else the `-o` file's extension (`.csv .tsv .json .parquet`; a
+name without an extension is CSV), else CSV on stdout. Any other extension needs `--format`, and a
+`--format` that contradicts a known extension is an error: a file never holds another format than
+its name says.
 """
 
 from __future__ import annotations
@@ -17,6 +22,30 @@ from gentrace.core.errors import ConfigError
 from gentrace.reporting import tables
 
 FORMATS = (*tables.FORMATS, "table")
+# the file extension of each format; `table` has none of its own (any other extension with --format table)
+EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".parquet": "parquet"}
+
+
+def resolve_format(fmt: str | None, out: Path | None) -> str:
+    """The format a table is written in: `--format` (`fmt`), else `-o out`'s extension, else csv.
+
+    Raises:
+        ConfigError: `fmt` contradicts the extension of `out`, or `out` has an extension that names
+            no format and no `fmt` is given.
+    """
+    if out is None:
+        return fmt or "csv"
+    suffix = out.suffix.lower()
+    named = EXTENSIONS.get(suffix, "csv" if not suffix else None)
+    known = ", ".join(EXTENSIONS)
+    if fmt is None:
+        if named is None:
+            raise ConfigError(f"-o {out}: {out.suffix} names no table format; use one of {known}, or give --format")
+        return named
+    if suffix in EXTENSIONS and named != fmt:
+        fix = f"name the file {out.with_suffix('.' + fmt if fmt != 'table' else '.txt').name}"
+        raise ConfigError(f"--format {fmt} contradicts -o {out} (a {named} file); drop --format, or {fix}")
+    return fmt
 
 
 def write(table: pd.DataFrame | Iterable[pd.DataFrame], fmt: str = "csv", out: Path | None = None) -> None:

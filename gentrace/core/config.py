@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from gentrace.core.errors import ConfigError
+from gentrace.core.errors import ConfigError, did_you_mean
 
 DataName = Literal[
     "sinusoid",
@@ -416,7 +416,7 @@ def _validate_names(cfg: RunConfig) -> None:
             split_factory(value, key)
         elif value != OWN and value not in choices:
             raise ConfigError(
-                f"{key} = {value!r} is not allowed; choose one of: {' | '.join(choices)} "
+                f"{key} = {value!r} is not allowed; {did_you_mean(value, choices)}choose one of: {' | '.join(choices)} "
                 "(or a factory: 'package.module:function' or 'path/to/file.py:function')"
             )
 
@@ -494,7 +494,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         key = _key(prefix, unknown[0])
-        raise ConfigError(f"unknown config key {key}; known keys here: {', '.join(fields)}")
+        guess = did_you_mean(unknown[0], fields)
+        raise ConfigError(f"unknown config key {key}; {guess}known keys here: {', '.join(fields)}")
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         key = _key(prefix, name)
@@ -512,7 +513,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         choices = get_args(tp)
         if value not in choices or isinstance(value, bool):
             options = " | ".join(str(c) for c in choices)
-            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {options}")
+            guess = did_you_mean(value, map(str, choices)) if isinstance(value, str) else ""
+            raise ConfigError(f"{key} = {value!r} is not allowed; {guess}choose one of: {options}")
         return value
     if origin in (types.UnionType, typing.Union):
         errors = []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class GentraceError(Exception):
     """Base of every error gentrace reports to a user; exit_code is what the CLI exits with."""
@@ -66,3 +69,13 @@ class PeerFailed(GentraceError):
     """Under torchrun: another rank failed before training started; it reports why, this rank only stops."""
 
     exit_code = 1
+
+
+def did_you_mean(given: str, known: Iterable[str]) -> str:
+    """`did you mean `lr`? ` for the known name closest to a mistyped one (difflib's ratio >= 0.6), else ``.
+
+    Errors that list the known names put it before the list:
+    "unknown config key train.lrr; did you mean `lr`? known keys here: ...".
+    """
+    close = difflib.get_close_matches(given, list(known), n=1)
+    return f"did you mean `{close[0]}`? " if close else ""

@@ -89,8 +89,11 @@ def _json(pieces: Iterable[pd.DataFrame], stream: IO[str]) -> None:
 
 
 def _parquet(pieces: Iterable[pd.DataFrame], out: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:  # a dependency of gentrace: missing only from a broken or partial install
+        raise ConfigError(f"-o {out}: writing parquet needs pyarrow; pip install pyarrow") from None
 
     writer: Any = None
     try:
