@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import importlib
 import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from gentrace.core.errors import AnalysisInputError
@@ -33,7 +34,12 @@ LIPSCHITZ_WHERE = ("train", "test", "far", "all")  # lipschitz.WHERE
 
 
 class BadOptionValue(ValueError):
-    """A value an option cannot take; the command line reports it as a usage error naming the option."""
+    """A value an option cannot take; the command line reports it as a usage error naming the option.
+
+    `option` is the option's name once `values` has seen the error (empty while a `parse` raises it).
+    """
+
+    option: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,35 @@ class Analysis:
             return []
         path = shlex.quote(str(reader.path))  # one shell word, spaces and all: the hint runs as printed
         return [line.format(path=path) for line in self.suggest]
+
+
+def values(options: Iterable[Option], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of an analysis (or plot): each option's given value or default, parsed, in order.
+
+    One path for the command line (every option given, as typer read it) and `gentrace.analyze` (some
+    options given, as Python values): an enum becomes its value, a value outside the option's choices
+    is refused, and a str is read by the option's `parse` while any other value is taken as parsed
+    (so `quantiles="0.1,0.5"` and `quantiles=(0.1, 0.5)` both work, as do `replicate="all"` and
+    `replicate=None`); an option not given takes its default, parsed the same way.
+
+    Raises:
+        BadOptionValue: a value the option cannot take, with `option` set to its name.
+    """
+    out = {}
+    for option in options:
+        value = given.get(option.name, option.default)
+        if isinstance(value, Enum):
+            value = value.value
+        try:
+            if option.choices and value not in option.choices:
+                raise BadOptionValue(f"{value!r} is not one of {', '.join(option.choices)}")
+            if option.parse is not None and isinstance(value, str):
+                value = option.parse(value)
+        except BadOptionValue as exc:
+            exc.option = option.name
+            raise
+        out[option.name] = value
+    return out
 
 
 def replicate(value: str) -> int | None:

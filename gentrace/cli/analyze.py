@@ -15,12 +15,13 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from enum import Enum, StrEnum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from gentrace.analyses import registry
 from gentrace.analyses.registry import REGISTRY, Analysis, BadOptionValue, Option, Plot
 from gentrace.cli.errors import user_errors
 from gentrace.core.errors import ConfigError
@@ -165,19 +166,11 @@ def _parameter(option: Option) -> inspect.Parameter:
 
 
 def _values(options: Iterable[Option], given: Mapping[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of the analysis (or plot): each option's value, parsed, in `--help` order."""
-    values = {}
-    for option in options:
-        value = given[option.name]
-        if isinstance(value, Enum):
-            value = value.value
-        if option.parse is not None:
-            try:
-                value = option.parse(value)
-            except BadOptionValue as exc:
-                raise typer.BadParameter(str(exc), param_hint=f"--{option.name}") from None
-        values[option.name] = value
-    return values
+    """The keyword arguments of the analysis (or plot): registry.values, a bad value a usage error of its option."""
+    try:
+        return registry.values(options, given)
+    except BadOptionValue as exc:
+        raise typer.BadParameter(str(exc), param_hint=f"--{exc.option}") from None
 
 
 def _signed(
