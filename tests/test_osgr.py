@@ -241,3 +241,114 @@ def test_cli(stores: dict[str, Any], tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "train.replicates" in one_error_line(done.stderr)
     assert done.stdout == ""
+
+
+# -- across settings: a tiny sweep of the sample config (the paper's Figure 1) --------------------------
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_configs" / "osgr-digits.toml"
+N_TRAIN = (20, 40, 80)
+HIDDEN = ([8], [32])
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`gentrace sweep` of the sample config over data.n_train and model.hidden: 6 points, 2 epochs each."""
+    out = tmp_path_factory.mktemp("osgr-sweep") / "sweep"
+    done = run_cli(
+        "sweep",
+        SAMPLE,
+        "--grid",
+        f"data.n_train={','.join(map(str, N_TRAIN))}",
+        "--grid",
+        "model.hidden=" + ",".join(f"[{h[0]}]" for h in HIDDEN),
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "record.grad_moments={every_steps=1, every_epochs=0}",
+        "--set",
+        "record.params={every_epochs=2}",
+        "--set",
+        "record.predictions={every_epochs=2}",
+        "--out",
+        out,
+        "-q",
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def points_at(sweep: Path, step: int) -> np.ndarray:
+    """[points, 2] (lhs, rhs) of each store at `step`, read store by store: the reference for the summary."""
+    rows = []
+    for n in N_TRAIN:
+        for h in HIDDEN:
+            frame = osgr.run(StoreReader(sweep / f"data.n_train={n},model.hidden=_{h[0]}_.zarr"))
+            rows.append(frame[frame.step == step][["osgr_lhs", "osgr_rhs"]].to_numpy()[0])
+    return np.array(rows)
+
+
+def test_sweep_summary_is_one_row_per_point_and_the_r_across_them(sweep: Path) -> None:
+    done = run_cli("analyze", "osgr", sweep, "--summary", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    table = pd.read_json(io.StringIO(done.stdout))
+    assert list(table.columns) == ["store", "data.n_train", "model.hidden", *osgr.ACROSS_COLUMNS]
+    assert len(table) == len(N_TRAIN) * len(HIDDEN)
+    assert list(table["data.n_train"]) == [n for n in N_TRAIN for _ in HIDDEN]
+    assert list(table["model.hidden"]) == [f"[{h[0]}]" for _ in N_TRAIN for h in HIDDEN]
+    assert (table["step"] == 0).all()  # the first step every store has
+    want = points_at(sweep, 0)
+    np.testing.assert_allclose(table[["osgr_lhs", "osgr_rhs"]].to_numpy(), want, rtol=1e-12)
+    r = np.corrcoef(want[:, 0], want[:, 1])[0, 1]
+    np.testing.assert_allclose(table["pearson_r_across"], r, rtol=1e-9)
+    assert (table["n_points"] == len(table)).all()
+    assert r > 0.8  # the paper's claim, on 6 tiny settings
+
+    done = run_cli("analyze", "osgr", sweep, "--summary", "--step", "1", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    at_one = pd.read_json(io.StringIO(done.stdout))
+    assert (at_one["step"] == 1).all()
+    np.testing.assert_allclose(at_one[["osgr_lhs", "osgr_rhs"]].to_numpy(), points_at(sweep, 1), rtol=1e-12)
+
+    done = run_cli("analyze", "osgr", sweep, "--summary", "--step", "7")
+    assert done.returncode == 2
+    assert "no gradient row at step 7; give --step one of the recorded steps: 0, 1" in one_error_line(done.stderr)
+
+
+def test_one_store_summary_with_step_is_refused(sweep: Path) -> None:
+    store = sweep / "data.n_train=20,model.hidden=_8_.zarr"
+    with pytest.raises(AnalysisInputError, match="--step with --summary compares several stores"):
+        osgr.run(StoreReader(store), summary=True, step=0)
+    only = osgr.run(StoreReader(store), step=1)
+    assert list(only.columns) == osgr.COLUMNS
+    assert list(only["step"]) == [1]
+
+
+def test_sweep_plot_says_what_it_shows(sweep: Path, tmp_path: Path) -> None:
+    from gentrace.reporting import plots
+    from gentrace.training.sweep import expand_stores
+
+    readers = [StoreReader(path) for path in expand_stores([sweep])]
+    figure = plots.osgr_figure(readers)
+    panels = figure.axes
+    assert len(panels) == 2  # steps 0 and 1 have both sides in every store (2 epochs of full-batch steps)
+    for axes, step in zip(panels, (0, 1), strict=True):
+        lhs, rhs = points_at(sweep, step).T
+        assert (
+            axes.get_title() == f"step {step} (epoch {step})\nPearson r = {osgr.pearson(lhs, rhs):.3f} across 6 stores"
+        )
+        assert axes.get_ylabel().startswith("osgr_lhs")
+        assert axes.get_xlabel().startswith("osgr_rhs")
+    labels = [f"n_train={n}, hidden=[{h[0]}]" for n in N_TRAIN for h in HIDDEN]
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == [*labels, "lhs = rhs"]
+    assert figure.get_suptitle().startswith("OSGR across settings")
+    points = panels[0].collections  # colour = n_train, marker = width, as in the paper's Figure 1
+    colours = [tuple(p.get_facecolor()[0]) for p in points]
+    assert colours[0] == colours[1] != colours[2]
+    assert not np.array_equal(points[0].get_paths()[0].vertices, points[1].get_paths()[0].vertices)
+    one = plots.osgr_figure(readers, step=1)
+    assert [axes.get_title().split("\n")[0] for axes in one.axes] == ["step 1 (epoch 1)"]
+
+    out = tmp_path / "osgr.png"
+    done = run_cli("plot", "osgr", sweep, "-o", out)  # a sweep directory, as `analyze` takes it
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_size > 1000

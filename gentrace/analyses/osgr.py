@@ -30,7 +30,7 @@ is derived for full-batch gradient descent with a small learning rate (`train.ba
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,10 +38,12 @@ import pandas as pd
 from gentrace.analyses import plan as chunks
 from gentrace.analyses.gsnr import ZERO_VARIANCE_RTOL, epochs_of, moments
 from gentrace.core.errors import AnalysisInputError
+from gentrace.core.varying import cell, flatten, varying_keys
 from gentrace.store import schema
 from gentrace.store.reader import StoreReader
 
 COLUMNS = ["step", "epoch", "osgr_lhs", "osgr_rhs", "osgr_rhs_weighted", "n"]
+ACROSS_COLUMNS = [*COLUMNS, "pearson_r_across", "pearson_r_weighted_across", "n_points"]
 SUMMARY_COLUMNS = [
     "pearson_r",
     "pearson_r_weighted",
@@ -240,7 +242,13 @@ def summarize(per_step: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([row], columns=SUMMARY_COLUMNS).astype({"n_steps": "int64"})
 
 
-def run(reader: StoreReader, summary: bool = False, *, rtol: float = ZERO_VARIANCE_RTOL) -> pd.DataFrame:
+def run(
+    reader: StoreReader,
+    summary: bool = False,
+    step: int | None = None,
+    *,
+    rtol: float = ZERO_VARIANCE_RTOL,
+) -> pd.DataFrame:
     """OSGR of every recorded gradient step of a store (SPEC section 5, `gentrace analyze osgr`).
 
     Reads the gradient moments one row of one tensor at a time, in blocks along the tensor's first axis
@@ -248,13 +256,28 @@ def run(reader: StoreReader, summary: bool = False, *, rtol: float = ZERO_VARIAN
 
     Args:
         reader: an opened store with gradient moments, M >= 2 replicates and per-step metrics.
-        summary: return only the one-row `summarize` of the per-step rows.
+        summary: return only the one-row `summarize` of the per-step rows (over the store's steps; the
+            paper's comparison across settings is `across`, over several stores).
+        step: keep only the row of this recorded step (not with `summary`).
         rtol: relative zero-variance tolerance (see `gentrace.analyses.gsnr`).
 
     Raises:
         MissingStreamError: no gradient moments or no metrics.
-        AnalysisInputError: fewer than 2 replicates, unequal n, or no step with metrics at t and t + 1.
+        AnalysisInputError: fewer than 2 replicates, unequal n, no step with metrics at t and t + 1, or
+            `step` is not a recorded gradient step.
     """
+    if summary and step is not None:
+        raise AnalysisInputError(
+            f"{reader.path}: --step with --summary compares several stores at one step (give a sweep directory); "
+            "the summary of one store is over all its steps: drop --step or --summary"
+        )
+    per_step = _per_step(reader, rtol)
+    if step is not None:
+        return at_step([per_step], step, [str(reader.path)]).loc[:, COLUMNS]
+    return summarize(per_step) if summary else per_step
+
+
+def _per_step(reader: StoreReader, rtol: float) -> pd.DataFrame:
     reader.require(schema.GRAD)
     steps = reader.array(schema.GRAD.step)
     rows = len(steps)
@@ -282,5 +305,84 @@ def run(reader: StoreReader, summary: bool = False, *, rtol: float = ZERO_VARIAN
         n_all,
         rtol=rtol,
     )
-    per_step = _frame(steps, epochs_of(reader, steps), osgr_lhs, osgr_rhs, osgr_rhs_weighted, n_row)
-    return summarize(per_step) if summary else per_step
+    return _frame(steps, epochs_of(reader, steps), osgr_lhs, osgr_rhs, osgr_rhs_weighted, n_row)
+
+
+# -- across settings: the paper's Figure 1 -------------------------------------------------------------
+def common_steps(per_step: Sequence[pd.DataFrame]) -> list[int]:
+    """The recorded steps at which every table has both sides of eq. 17 finite, increasing."""
+    sets = [
+        set(frame["step"][np.isfinite(frame["osgr_lhs"]) & np.isfinite(frame["osgr_rhs"])].tolist())
+        for frame in per_step
+    ]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def at_step(per_step: Sequence[pd.DataFrame], step: int | None = None, names: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per setting at one step, and the Pearson r across the settings (Figure 1, section 3.1).
+
+    The paper's Figure 1 puts one point per setting (training-set size, width) at a given epoch and
+    correlates lhs with rhs over those points; r over the steps of one run is a different quantity.
+
+    Args:
+        per_step: one `compute`/`run` table per setting (columns COLUMNS).
+        step: the step compared [default: the first step where every setting has both sides finite].
+        names: a name per table for the error messages (e.g. its store path).
+
+    Returns:
+        ACROSS_COLUMNS, one row per table in order; pearson_r_across (lhs with rhs over the rows),
+        pearson_r_weighted_across (lhs with osgr_rhs_weighted) and n_points repeat on every row (NaN
+        below 2 points).
+
+    Raises:
+        AnalysisInputError: no step is common to every table, or `step` is not one of the common steps.
+    """
+    common = common_steps(per_step)
+    if step is None:
+        if not common:
+            raise AnalysisInputError(
+                "osgr: no recorded step has both sides of eq. 17 in every store; record the same "
+                "record.grad_moments cadence with record.eval_every_steps = 1 in each"
+            )
+        step = common[0]
+    rows = []
+    for i, frame in enumerate(per_step):
+        row = frame[frame["step"] == step]
+        if row.empty:
+            name = names[i] if i < len(names) else f"table {i}"
+            shown = ", ".join(map(str, common[:8])) + (", ..." if len(common) > 8 else "")
+            raise AnalysisInputError(
+                f"{name} has no gradient row at step {step}; give --step one of the recorded steps: {shown or 'none'}"
+            )
+        rows.append(row.iloc[:1])
+    table = pd.concat(rows, ignore_index=True).loc[:, COLUMNS]
+    lhs_, rhs_, weighted = (table[c].to_numpy() for c in ("osgr_lhs", "osgr_rhs", "osgr_rhs_weighted"))
+    finite = np.isfinite(lhs_) & np.isfinite(rhs_)
+    table["pearson_r_across"] = pearson(lhs_, rhs_)
+    table["pearson_r_weighted_across"] = pearson(lhs_, weighted)
+    table["n_points"] = np.int64(finite.sum())
+    return table.loc[:, ACROSS_COLUMNS]
+
+
+def across(
+    readers: Sequence[StoreReader],
+    summary: bool = False,
+    step: int | None = None,
+    *,
+    rtol: float = ZERO_VARIANCE_RTOL,
+) -> pd.DataFrame | None:
+    """`analyze osgr --summary` of several stores (a sweep): `at_step` with the stores' labels in front.
+
+    Columns `store` and one per config key that differs between the stores (as for any analysis of
+    several stores), then ACROSS_COLUMNS. None without `summary`: the per-step rows of each store are
+    then the table (gentrace.training.sweep.over_stores).
+    """
+    if not summary:
+        return None
+    per_step = [_per_step(reader, rtol) for reader in readers]
+    table = at_step(per_step, step, [str(reader.path) for reader in readers])
+    trees = [reader.config for reader in readers]
+    front = {"store": [str(reader.path) for reader in readers]}
+    for key in varying_keys(trees):
+        front[key] = [cell(flatten(tree).get(key)) for tree in trees]
+    return pd.concat([pd.DataFrame(front), table], axis=1)

@@ -100,6 +100,8 @@ class Analysis:
         table: the module function `analyze` calls as `table(reader, **options)`: `run` (one frame) or `frames`.
         plan: the module has `plan(reader, **options)`, its chunk tasks, so `--dask` is offered.
         plan_parts: `plan` also takes `parts=`, the cluster's worker count.
+        across: a module function `across(readers, **options)` giving the table of several stores as a
+            whole (e.g. a correlation across a sweep's points), or None for "each store's rows"; "": none.
         plot: `gentrace plot NAME`; None: no plot command.
         hint_order: where its suggestions come among the entries' (lower first; the registry's own order
             is the `--help` order).
@@ -115,6 +117,7 @@ class Analysis:
     table: str = "run"
     plan: bool = False
     plan_parts: bool = False
+    across: str = ""
     plot: Plot | None = None
     hint_order: int = 100
 
@@ -131,6 +134,12 @@ class Analysis:
         """The chunk tasks of one store for `--dask`, split for `parts` workers where the plan takes it."""
         extra = {"parts": parts} if self.plan_parts else {}
         return importlib.import_module(self.module).plan(reader, **options, **extra)
+
+    def across_table(self, readers: list[StoreReader], options: Mapping[str, Any]) -> Any:
+        """The table of several stores as a whole (`across`), or None: each store's own rows, labelled."""
+        if not self.across:
+            return None
+        return getattr(importlib.import_module(self.module), self.across)(readers, **options)
 
     def suggestions(self, reader: StoreReader) -> list[str]:
         """The suggested commands for this store: none unless it has the streams (and `suggest_if` holds)."""
@@ -248,12 +257,39 @@ REGISTRY: dict[str, Analysis] = {
             "osgr",
             "gentrace.analyses.osgr",
             "One-step generalization ratio: both sides of eq. 17 and eq. 20 per recorded step (needs replicates).",
-            (Option("summary", "One row: Pearson r of lhs and rhs over steps, and their means.", False, bool),),
+            (
+                Option(
+                    "summary",
+                    "One store: one row over its steps (means, r over steps). Several stores or a sweep "
+                    "directory: one row per store at --step and the Pearson r across them (the paper's Figure 1).",
+                    False,
+                    bool,
+                ),
+                Option(
+                    "step",
+                    "The recorded step compared across stores [default: the first step every store has].",
+                    None,
+                    int | None,
+                    min=0,
+                ),
+            ),
             streams=(schema.GRAD,),
             suggest=("gentrace analyze osgr {path} --summary", "gentrace plot osgr {path} -o osgr.png"),
             suggest_if=_osgr_answerable,
+            across="across",
             plot=Plot(
-                "plot_osgr", "OSGR left vs right side of eq. 17 per recorded step, with the Pearson r in the title."
+                "plot_osgr",
+                "One store: lhs vs rhs of eq. 17 per recorded step, coloured by step. Several stores or a sweep "
+                "directory: one point per store at up to four steps, with the Pearson r across them (Figure 1).",
+                (
+                    Option(
+                        "step",
+                        "Draw only this recorded step [default: up to four steps every store has].",
+                        None,
+                        int | None,
+                        min=0,
+                    ),
+                ),
             ),
             hint_order=1,
         ),

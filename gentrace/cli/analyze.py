@@ -26,7 +26,7 @@ from gentrace.analyses.registry import REGISTRY, Analysis, BadOptionValue, Optio
 from gentrace.cli.errors import user_errors
 from gentrace.core.errors import ConfigError
 from gentrace.store.reader import StoreReader
-from gentrace.training.sweep import over_stores
+from gentrace.training.sweep import expand_stores, over_stores
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -42,7 +42,9 @@ class Format(StrEnum):
     table = "table"
 
 
-StoresArg = Annotated[list[Path], typer.Argument(help="Stores written by `gentrace record`.", show_default=False)]
+StoresArg = Annotated[
+    list[Path], typer.Argument(help="Stores written by `gentrace record`, or sweep directories.", show_default=False)
+]
 AnalyzeStoresArg = Annotated[
     list[Path],
     typer.Argument(
@@ -204,7 +206,12 @@ def analyze_command(entry: Analysis) -> Callable[..., None]:
             plan = entry.chunk_plan
             _emit_on_dask(stores, lambda reader, parts: plan(reader, parts, values), dask, table_format, out)
             return
-        _emit(over_stores(stores, lambda reader: entry.tables(reader, values)), table_format, out)
+        table = None
+        if entry.across and len(found := expand_stores(stores)) > 1:  # a table of the stores as a whole
+            table = entry.across_table([StoreReader(path) for path in found], values)
+        if table is None:
+            table = over_stores(stores, lambda reader: entry.tables(reader, values))
+        _emit(table, table_format, out)
 
     parameters = [
         inspect.Parameter("stores", _KEYWORD, annotation=AnalyzeStoresArg),
@@ -228,7 +235,7 @@ def plot_command(entry: Analysis, plot: Plot) -> Callable[..., None]:
 
         out = _figure_file(out)
         values = _values(plot.options, given)
-        readers = [StoreReader(store) for store in stores]
+        readers = [StoreReader(store) for store in expand_stores(stores)]
         if plot.function:
             drawn = getattr(plots, plot.function)(readers, out, **values)
         else:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from gentrace.core import config as config_mod
 from gentrace.core.errors import ConfigError, StoreError
+from gentrace.core.varying import cell, flatten, varying_keys
 from gentrace.store import schema
 from gentrace.store.reader import StoreReader, check_gentrace_store
 from gentrace.task import budget
@@ -258,27 +259,6 @@ def manifest_stores(manifest: Path) -> list[str]:
     return names
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def varying_keys(trees: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Dotted config keys whose values differ between the configs, in config order."""
-    flats = [_flatten(tree) for tree in trees]
-    keys = list(dict.fromkeys(key for flat in flats for key in flat))
-    return [key for key in keys if len({json.dumps(flat.get(key), sort_keys=True) for flat in flats}) > 1]
-
-
-def _cell(value: Any) -> Any:
-    return json.dumps(value) if isinstance(value, list | dict) else value
-
-
 def over_stores(paths: Sequence[Path], analysis: Callable[[StoreReader], Table]) -> Table:
     """Run `analysis` on each store; with several, prefix every row with `store` and the varying config keys."""
     readers = [StoreReader(path) for path in expand_stores(paths)]
@@ -293,8 +273,8 @@ def _labelled(readers: list[StoreReader], analysis: Callable[[StoreReader], Tabl
     trees = [reader.config for reader in readers]
     keys = varying_keys(trees)
     for reader, tree in zip(readers, trees, strict=True):
-        flat = _flatten(tree)
-        labels = {"store": str(reader.path), **{key: _cell(flat.get(key)) for key in keys}}
+        flat = flatten(tree)
+        labels = {"store": str(reader.path), **{key: cell(flat.get(key)) for key in keys}}
         table = analysis(reader)
         for piece in [table] if isinstance(table, pd.DataFrame) else table:
             front = pd.DataFrame({name: [value] * len(piece) for name, value in labels.items()}, index=piece.index)
