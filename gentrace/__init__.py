@@ -87,7 +87,7 @@ def analyze(
     from gentrace.analyses import registry
     from gentrace.core.errors import AnalysisInputError
     from gentrace.store.reader import StoreReader
-    from gentrace.training.sweep import over_stores
+    from gentrace.training.sweep import analysis_table
 
     entry = registry.REGISTRY.get(name)
     if entry is None:
@@ -110,7 +110,7 @@ def analyze(
     else:
         stores = [store] if isinstance(store, str | os.PathLike) else list(store)
         paths = [item.path if isinstance(item, StoreReader) else Path(item) for item in stores]
-        table = over_stores(paths, lambda reader: entry.tables(reader, values))
+        table = analysis_table(entry, paths, values)
     if isinstance(table, pd.DataFrame):
         return table
     pieces = list(table)

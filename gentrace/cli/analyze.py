@@ -26,7 +26,7 @@ from gentrace.analyses.registry import REGISTRY, Analysis, BadOptionValue, Optio
 from gentrace.cli.errors import user_errors
 from gentrace.core.errors import ConfigError
 from gentrace.store.reader import StoreReader
-from gentrace.training.sweep import expand_stores, over_stores
+from gentrace.training.sweep import analysis_table, expand_stores, over_stores
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -206,12 +206,7 @@ def analyze_command(entry: Analysis) -> Callable[..., None]:
             plan = entry.chunk_plan
             _emit_on_dask(stores, lambda reader, parts: plan(reader, parts, values), dask, table_format, out)
             return
-        table = None
-        if entry.across and len(found := expand_stores(stores)) > 1:  # a table of the stores as a whole
-            table = entry.across_table([StoreReader(path) for path in found], values)
-        if table is None:
-            table = over_stores(stores, lambda reader: entry.tables(reader, values))
-        _emit(table, table_format, out)
+        _emit(analysis_table(entry, stores, values), table_format, out)
 
     parameters = [
         inspect.Parameter("stores", _KEYWORD, annotation=AnalyzeStoresArg),

@@ -346,9 +346,7 @@ def _resume(
         extra = trainer.restore(point.checkpoint)  # before the store is touched: a bad checkpoint destroys nothing
         recorder.load_state(extra.get("probes", {}))
         phase(REOPENING_STORE)
-        writer = _open_whole(
-            path, dist, dev, lambda: reopen(path, point.keep, recorder, point.step, upto=point.step)
-        )
+        writer = _open_whole(path, dist, dev, lambda: reopen(path, point.keep, recorder, point.step, upto=point.step))
         recorder.resume(point.keep)
         _train(trainer, recorder, writer, path, observers, phase)
     return path

@@ -33,6 +33,7 @@ from gentrace.training import preflight
 if TYPE_CHECKING:
     import pandas as pd
 
+    from gentrace.analyses.registry import Analysis
     from gentrace.core.config import RunConfig
 
 MANIFEST = "sweep.json"
@@ -265,6 +266,19 @@ def over_stores(paths: Sequence[Path], analysis: Callable[[StoreReader], Table])
     if len(readers) == 1:
         return analysis(readers[0])
     return _labelled(readers, analysis)
+
+
+def analysis_table(entry: Analysis, paths: Sequence[Path], options: Mapping[str, Any]) -> Table:
+    """The table `gentrace analyze NAME` prints for `paths` (stores and sweep directories).
+
+    Several stores of an analysis with an `across` table (osgr: lhs vs rhs across sweep points) give
+    that table; otherwise each store's rows, labelled by `over_stores`. `gentrace.analyze` is the same call.
+    """
+    if entry.across and len(found := expand_stores(paths)) > 1:
+        table = entry.across_table([StoreReader(path) for path in found], options)
+        if table is not None:
+            return table
+    return over_stores(paths, lambda reader: entry.tables(reader, options))
 
 
 def _labelled(readers: list[StoreReader], analysis: Callable[[StoreReader], Table]) -> Iterator[pd.DataFrame]:
