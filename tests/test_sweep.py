@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def test_points_and_names() -> None:
     assert len(set(names)) == 4
 
 
-def test_sweep_end_to_end_and_rerun_skips(tmp_path: Path) -> None:
+def test_sweep_end_to_end_and_rerun_skips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tiny_config(tmp_path, **FAST)
     out = tmp_path / "sweep"
     args = ["sweep", str(cfg), "--grid", "train.lr=0.05,0.1", "--out", str(out), "--device", "cpu"]
@@ -74,6 +75,18 @@ def test_sweep_end_to_end_and_rerun_skips(tmp_path: Path) -> None:
     assert table.exit_code == 0, table.output
     header = table.stdout.splitlines()[0].split(",")
     assert header[:3] == ["store", "train.lr", "replicate"]
+
+    # the hints name the sweep directory and what its stores can answer, and each runs as printed
+    lines = first.stderr.splitlines()
+    hints = [shlex.split(line) for line in lines[lines.index(next(x for x in lines if "next, try:" in x)) + 1 :]]
+    commands = [words[words.index(next(w for w in words if w in ("analyze", "plot"))) :] for words in hints]
+    assert {tuple(c[:2]) for c in commands} >= {("analyze", "gsnr"), ("analyze", "trajectory")}
+    monkeypatch.chdir(tmp_path)  # plot hints write their figure into the current directory
+    for command in commands:
+        assert str(out) in command, command
+        done = CliRunner().invoke(app, command)
+        assert done.exit_code == 0, (command, done.output)
+        assert done.stdout.strip(), command
 
 
 def test_resume_of_an_interrupted_point(tmp_path: Path) -> None:

@@ -240,8 +240,15 @@ def sweep(
         raise typer.Exit(130) from None
     if not quiet:
         typer.echo(f"sweep written: {out} ({len(stores)} stores); next, try:", err=True)
-        typer.echo(f"  {runnable(f'gentrace analyze trajectory {quote(out)}')}", err=True)
+        for command in sweep_suggestions(out, StoreReader(stores[0])) if stores else []:
+            typer.echo(f"  {runnable(command)}", err=True)
     typer.echo(str(out))
+
+
+def sweep_suggestions(out: Path, first: StoreReader) -> list[str]:
+    """The `analyze` and `plot` commands over the sweep directory that its stores can answer (as the first can)."""
+    entries = sorted(REGISTRY.values(), key=lambda entry: entry.hint_order)
+    return [line.format(path=quote(out)) for entry in entries if entry.suggestions(first) for line in entry.suggest]
 
 
 @app.command()
