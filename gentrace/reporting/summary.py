@@ -129,7 +129,7 @@ def render(summary: dict[str, Any]) -> str:
         *([f"error      {summary['error']}"] if summary.get("error") else []),
         f"config     {describe_config(summary['config'])}",
         *([f"own loop   {describe_own_loop(summary['own_loop'])}"] if summary.get("own_loop") else []),
-        f"recorded   on {summary['device']}{_threads(summary.get('threads'))}{_ranks(summary['processes'])} "
+        f"recorded   on {summary['device']}{_ranks(summary['processes'])}{_threads(summary.get('threads'))} "
         f"with torch {summary['torch_version']}, "
         f"gentrace {summary['gentrace_version']}; {summary['total_steps']} optimizer steps planned",
         "",
