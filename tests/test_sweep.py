@@ -80,7 +80,7 @@ def test_sweep_end_to_end_and_rerun_skips(tmp_path: Path, monkeypatch: pytest.Mo
     lines = first.stderr.splitlines()
     hints = [shlex.split(line) for line in lines[lines.index(next(x for x in lines if "next, try:" in x)) + 1 :]]
     commands = [words[words.index(next(w for w in words if w in ("analyze", "plot"))) :] for words in hints]
-    assert {tuple(c[:2]) for c in commands} >= {("analyze", "gsnr"), ("analyze", "trajectory")}
+    assert ("analyze", "trajectory") in {tuple(c[:2]) for c in commands}
     monkeypatch.chdir(tmp_path)  # plot hints write their figure into the current directory
     for command in commands:
         assert str(out) in command, command

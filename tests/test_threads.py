@@ -77,6 +77,7 @@ def test_explicit_counts_win(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="auto samples Linux's /proc/stat")
 def test_auto_leaves_a_busy_process_its_core(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "_IMPORTED", None)  # sample from now, not from an import before the spinner
     cpus = len(threads._cpus())
     spin = subprocess.Popen(
         [sys.executable, "-c", "print('spinning', flush=True)\nwhile True: pass"], stdout=subprocess.PIPE, text=True
