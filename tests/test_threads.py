@@ -63,6 +63,8 @@ def test_read_parses_proc_counters_of_the_allowed_cpus(tmp_path: Path, monkeypat
     assert reading is not None
     assert (reading.total, reading.busy, reading.own) == (100 + 100, 15 + 27, 10)
     assert threads.read(tmp_path / "missing") is None
+    (tmp_path / "self" / "stat").write_text("123 (truncated)\n")  # a /proc this parser does not know
+    assert threads.read(tmp_path) is None
 
 
 def test_explicit_counts_win(monkeypatch: pytest.MonkeyPatch) -> None:

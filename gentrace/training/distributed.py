@@ -43,6 +43,12 @@ def launched_world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world() -> int:
+    """The torchrun ranks on this node, from `LOCAL_WORLD_SIZE` (1 in a single process)."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return int(value) if launched_world()[1] > 1 and value.isdigit() and int(value) > 0 else 1
+
+
 def check_config(cfg: RunConfig, model: nn.Module, device: torch.device) -> nn.Module:
     """Refuse what several processes cannot record as one would; returns the model with SyncBatchNorm.
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
-import os
 import platform
 import signal
 import sys
@@ -47,7 +46,7 @@ from gentrace.task.data import Dataset, build_data
 from gentrace.task.losses import output_dim, resolve_loss
 from gentrace.task.models import apply_freeze, build_model
 from gentrace.training import threads
-from gentrace.training.distributed import check_config, session
+from gentrace.training.distributed import check_config, local_world, session
 from gentrace.training.loop import StepObserver, Trainer
 
 T = TypeVar("T")
@@ -230,7 +229,7 @@ def _start_new(
     The thread count (`train.threads`, gentrace.training.threads) is chosen here and stored in the
     `threads` attribute, which a resume reuses.
     """
-    with threads.using(threads.choose(cfg.train.threads, local_world=_local_world())):
+    with threads.using(threads.choose(cfg.train.threads, local_world=local_world())):
         trainer, recorder, data = prepare(cfg, dev, dist, phase)
         phase(CREATING_STORE)
         static = {**static_arrays(data, cfg.record), **recorder.static()}
@@ -239,12 +238,6 @@ def _start_new(
             path, dist, dev, lambda: create_store(path, attrs, recorder.streams(), static, overwrite=overwrite)
         )
         _train(trainer, recorder, writer, path, observers, phase)
-
-
-def _local_world() -> int:
-    """The torchrun ranks on this node (1 in a single process)."""
-    value = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 def _open_whole(
@@ -339,7 +332,7 @@ def _resume(
         _start_new(point.cfg, path, dev, dist, observers, phase, overwrite=True)
         return path
     # the stored thread count: another one would round differently from the uninterrupted run
-    count = point.threads or threads.choose(point.cfg.train.threads, local_world=_local_world())
+    count = point.threads or threads.choose(point.cfg.train.threads, local_world=local_world())
     with threads.using(count):
         trainer, recorder, _ = prepare(point.cfg, dev, dist, phase)
         phase(RESTORING_CHECKPOINT)

@@ -58,19 +58,20 @@ def read(proc: Path = Path("/proc")) -> Reading | None:
     try:
         stat = (proc / "stat").read_text().splitlines()
         own_fields = (proc / "self" / "stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        allowed = _cpus()
+        busy = total = 0
+        for line in stat:
+            name, *values = line.split() or [""]
+            if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in allowed:
+                continue
+            ticks = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
+            total += sum(ticks)
+            busy += sum(ticks) - ticks[3] - ticks[4]
+        # fields after the command: state(0) ... utime(11) stime(12)
+        own = int(own_fields[11]) + int(own_fields[12])
+    except (OSError, IndexError, ValueError):  # no /proc, or one this parser does not know: torch's default
         return None
-    allowed = _cpus()
-    busy = total = 0
-    for line in stat:
-        name, *values = line.split()
-        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in allowed:
-            continue
-        ticks = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
-        total += sum(ticks)
-        busy += sum(ticks) - ticks[3] - ticks[4]
-    # fields after the command: state(0) ... utime(11) stime(12)
-    return Reading(time.monotonic(), busy, total, int(own_fields[11]) + int(own_fields[12]))
+    return Reading(time.monotonic(), busy, total, own)
 
 
 def others_busy(before: Reading, after: Reading, cpus: int) -> float:
@@ -100,7 +101,11 @@ def choose(requested: int | str, *, local_world: int = 1) -> int:
     cpus = len(_cpus())
     if local_world > 1:
         return max(1, min(TORCH_DEFAULT, cpus // local_world))
-    before = _IMPORTED if _IMPORTED is not None and time.monotonic() - _IMPORTED.at < STALE_S else read()
+    # The import-time reading starts the first window (the imports' time counts towards it); it is
+    # taken once: a later run in this process samples from its own start, not from before the last one.
+    global _IMPORTED
+    imported, _IMPORTED = _IMPORTED, None
+    before = imported if imported is not None and time.monotonic() - imported.at < STALE_S else read()
     if before is None:
         return TORCH_DEFAULT
     time.sleep(max(0.0, WINDOW_S - (time.monotonic() - before.at)))
