@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -187,6 +188,28 @@ class StopAt:
 def tree_digest(path: Path) -> dict[str, bytes]:
     """Every file under `path` and its bytes: equal digests mean the directory was left untouched."""
     return {str(f.relative_to(path)): f.read_bytes() for f in sorted(Path(path).rglob("*")) if f.is_file()}
+
+
+@contextlib.contextmanager
+def one_row_per_chunk() -> Iterator[None]:
+    """Record with one row per chunk, the layout of stores written before issue 16 and of huge rows:
+    the many-chunk arrays `gentrace compact` turns into shards."""
+    from gentrace.store import schema
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(schema, "PACKED_CHUNK_BYTES", 1)
+        yield
+
+
+@pytest.fixture(scope="session")
+def one_row_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The TINY config recorded with one row per chunk (see `one_row_per_chunk`), for compaction tests."""
+    from gentrace.core import config
+    from gentrace.training import run
+
+    tmp = tmp_path_factory.mktemp("one-row")
+    with one_row_per_chunk():
+        return run.record(config.load(tiny_config(tmp), []), tmp / "one-row.zarr", device="cpu")
 
 
 @pytest.fixture(scope="session")

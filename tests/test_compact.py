@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from conftest import one_error_line, run_cli, tiny_config
+from conftest import one_error_line, one_row_per_chunk, run_cli, tiny_config
 
 from gentrace.analyses import gsnr, lipschitz, mi, osgr, paths, trajectory
 from gentrace.core import config
@@ -44,10 +44,15 @@ ANALYSES: dict[str, Callable[[StoreReader], pd.DataFrame]] = {
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A complete run with every stream (recorded once; each test compacts its own copy)."""
+    """A complete run with every stream, one row per chunk (recorded once; each test compacts its own copy).
+
+    One row per chunk: the layout of stores written before chunks held several rows, and of rows of 1 MiB
+    or more; a tiny run's packed arrays are one chunk each, which compaction rightly leaves alone.
+    """
     tmp = tmp_path_factory.mktemp("compact")
     cfg = config.load(tiny_config(tmp, **STREAMS), [])
-    return run.record(cfg, tmp / "run.zarr", device="cpu")
+    with one_row_per_chunk():
+        return run.record(cfg, tmp / "run.zarr", device="cpu")
 
 
 def _copy(store: Path, tmp_path: Path) -> Path:

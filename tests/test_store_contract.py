@@ -232,11 +232,18 @@ def test_layout_dtypes_chunks_codecs_and_fill_values_follow_the_schema(make_stor
                 assert array.fill_value == -1, spec.path
             assert ("zstd", 3) not in actual, spec.path  # zarr's default
             assert actual[-1] == ("Crc32cCodec",), spec.path  # every chunk checksummed (issue 12)
-    # Chunking rules of SPEC section 3: one recorded row per chunk for snapshots and predictions,
-    # metrics many rows per chunk.
-    assert root["params/0.weight"].chunks == (1, M, 3, 4)
-    assert root["params/step"].chunks == (1,)
-    assert root["preds/train"].chunks == (1, M, SPLITS["train"])
+    # Chunking rules (README, "Chunks"): per-recorded-row arrays hold as many rows as fit ~1 MiB, spread
+    # evenly over the preallocated rows (here all 4 in one chunk); a row of 1 MiB or more is a chunk of its
+    # own; metrics many rows per chunk.
+    assert root["params/0.weight"].chunks == (4, M, 3, 4)
+    assert root["params/step"].chunks == (4,)
+    assert root["preds/train"].chunks == (4, M, SPLITS["train"])
+    assert schema.packed_rows((2, 128, 64), "float32", 21) == 11  # 64 KiB rows: 2 chunks of 11, not 16 + 5
+    assert schema.packed_rows((2, 128, 64), "float32", 100) == 15  # 7 chunks of at most 16
+    assert schema.packed_rows((2, 512, 256), "float32", 100) == 1  # 1 MiB: one row per chunk
+    assert schema.packed_rows((), "int64", 100_000) == 1021  # at most PACKED_MAX_ROWS (1024)
+    big = schema.grad_stream(10, 2, {"w": (2048, 1024)}).arrays[-1]
+    assert big.chunks() == (1, 1, 1024, 1024)  # 16 MiB rows: split along the first dims above ~4 MiB, as before
     assert root["metrics/train_loss"].chunks == (4, M)
     assert root["metrics_fine/batch_loss"].chunks == (4, M)
     assert schema.metrics_stream(100_000, M).arrays[0].chunks() == (schema.SMALL_ROWS_PER_CHUNK,)

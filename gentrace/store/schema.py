@@ -16,6 +16,7 @@ and updated by the writer only after all of a row's chunks are on disk.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,13 @@ SMALL_ROWS_PER_CHUNK = 8192
 # Fine snapshots of small tensors: rows per chunk so that a chunk holds at most ~1 MiB.
 BATCHED_CHUNK_BYTES = 2**20
 BATCHED_MAX_ROWS = 256
+# Per-recorded-row arrays (snapshots, moments, predictions, bitmasks, their step indices): several rows
+# per chunk when rows are small, up to ~1 MiB and 1024 rows a chunk. A file costs ~0.4 ms of kernel
+# time to create on these machines whatever its size, so one file per row of a bias made the writer's
+# work mostly file creation; the writer keeps a chunk's committed rows in memory and replaces the
+# chunk file atomically when a later commit adds rows to it (gentrace.store.writer).
+PACKED_CHUNK_BYTES = 2**20
+PACKED_MAX_ROWS = 1024
 # Where the final row count is unknown the writer grows an array by this many rows at a time.
 GROW_ROWS = 64
 
@@ -406,6 +414,26 @@ def _step(stream: Stream, rows_per_chunk: int = 1) -> ArraySpec:
     return ArraySpec(stream.step, (), "int64", "index", rows_per_chunk)
 
 
+def packed_rows(row_shape: Sequence[int], dtype: str, rows: int) -> int:
+    """Rows per chunk of a per-recorded-row array: as many as fit PACKED_CHUNK_BYTES (at most PACKED_MAX_ROWS),
+    spread evenly over the preallocated `rows` (21 rows of 64 KiB: 2 chunks of 11, not 16 + 5); 1 for a row
+    of that size or more."""
+    row_bytes = max(1, math.prod(row_shape) * np.dtype(dtype).itemsize)
+    most = max(1, min(PACKED_MAX_ROWS, PACKED_CHUNK_BYTES // row_bytes))
+    return math.ceil(max(1, rows) / math.ceil(max(1, rows) / most))  # the rows spread evenly: little padding
+
+
+def _packed(stream: StreamSpec) -> StreamSpec:
+    """`stream` with every one-row-per-chunk array packed to `packed_rows` rows per chunk."""
+    arrays = tuple(
+        dataclasses.replace(spec, rows_per_chunk=packed_rows(spec.row_shape, spec.dtype, stream.rows))
+        if spec.rows_per_chunk == 1
+        else spec
+        for spec in stream.arrays
+    )
+    return dataclasses.replace(stream, arrays=arrays)
+
+
 def data_arrays(
     train_index: np.ndarray,
     test_index: np.ndarray,
@@ -507,7 +535,7 @@ def tensor_stream(
     arrays = [_step(stream, r)]
     for tensor, shape in shapes.items():
         arrays.append(ArraySpec(stream.tensor(tensor), (replicates, *shape), "float32", "float", r))
-    return StreamSpec(stream.name, rows, tuple(arrays))
+    return _packed(StreamSpec(stream.name, rows, tuple(arrays)))
 
 
 def preds_stream(rows: int, replicates: int, split_sizes: Mapping[str, int], regression: bool) -> StreamSpec:
@@ -516,7 +544,7 @@ def preds_stream(rows: int, replicates: int, split_sizes: Mapping[str, int], reg
     codec = "float" if regression else "count"
     arrays = [_step(PREDS)]
     arrays += [ArraySpec(PREDS.split(split), (replicates, n), dtype, codec) for split, n in split_sizes.items()]
-    return StreamSpec(PREDS.name, rows, tuple(arrays))
+    return _packed(StreamSpec(PREDS.name, rows, tuple(arrays)))
 
 
 def grad_stream(rows: int, replicates: int, shapes: Mapping[str, Sequence[int]]) -> StreamSpec:
@@ -536,7 +564,7 @@ def grad_stream(rows: int, replicates: int, shapes: Mapping[str, Sequence[int]])
             floating = moment in GRAD.FLOAT_MOMENTS
             kind = ("float32", "float") if floating else ("int32", "count")
             arrays.append(ArraySpec(GRAD.moment(tensor, moment), row, *kind))
-    return StreamSpec(GRAD.name, rows, tuple(arrays))
+    return _packed(StreamSpec(GRAD.name, rows, tuple(arrays)))
 
 
 def acts_stream(rows: int, probe: int, layers: Mapping[str, Mapping[str, Any]], values: bool) -> StreamSpec:
@@ -553,7 +581,7 @@ def acts_stream(rows: int, probe: int, layers: Mapping[str, Mapping[str, Any]], 
         arrays.append(ArraySpec(ACTS.bits(layer), (probe, math.ceil(units / 8)), "uint8", "bits", attrs=attrs))
         if values:
             arrays.append(ArraySpec(ACTS.values(layer), (probe, units), "float16", "half", attrs=attrs))
-    return StreamSpec(ACTS.name, rows, tuple(arrays))
+    return _packed(StreamSpec(ACTS.name, rows, tuple(arrays)))
 
 
 def lipschitz_fine_stream(rows: int, replicates: int) -> StreamSpec:

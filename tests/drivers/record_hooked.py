@@ -142,6 +142,9 @@ def install(moment: str, marker: Path) -> None:
             items = list(block.arrays.items())  # params/step first, then the tensors
             half = dataclasses.replace(block, arrays=dict(items[: 1 + (len(items) - 1) // 2]), checkpoint=None)
             self._commit_written = lambda blocks: pause(marker)  # type: ignore[method-assign]
+            # The half row without its checkpoint would wait in the writer's tails; written now, as a
+            # checkpoint row's chunks are (a flush), it lies on disk uncommitted.
+            self._flush_next = True
             write_and_commit(self, [b if b is not block else half for b in blocks])
 
         StoreWriter._write_and_commit = write_half  # type: ignore[method-assign]
