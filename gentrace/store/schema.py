@@ -415,9 +415,11 @@ def _step(stream: Stream, rows_per_chunk: int = 1) -> ArraySpec:
 
 
 def packed_rows(row_shape: Sequence[int], dtype: str, rows: int) -> int:
-    """Rows per chunk of a per-recorded-row array: as many as fit PACKED_CHUNK_BYTES (at most PACKED_MAX_ROWS),
-    spread evenly over the preallocated `rows` (21 rows of 64 KiB: 2 chunks of 11, not 16 + 5); 1 for a row
-    of that size or more."""
+    """Rows per chunk of a per-recorded-row array: as many as fit PACKED_CHUNK_BYTES (1 for a bigger row).
+
+    At most PACKED_MAX_ROWS, spread evenly over the preallocated `rows` (21 rows of 64 KiB: 2 chunks of
+    11, not 16 + 5).
+    """
     row_bytes = max(1, math.prod(row_shape) * np.dtype(dtype).itemsize)
     most = max(1, min(PACKED_MAX_ROWS, PACKED_CHUNK_BYTES // row_bytes))
     return math.ceil(max(1, rows) / math.ceil(max(1, rows) / most))  # the rows spread evenly: little padding
