@@ -239,3 +239,31 @@ def test_a_chunk_is_written_about_once_not_once_per_row(tmp_path: Path, monkeypa
     # one row per chunk wrote ROWS files per array; the tails write each chunk once, or a few times
     # when the writer idles between puts on a loaded machine
     assert writes < len(stream.arrays) * ROWS / 2
+
+
+def test_static_arrays_are_written_with_zarrs_bytes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    static = schema.data_arrays(
+        train_index=np.arange(2 * 50).reshape(2, 50),
+        test_index=np.arange(30),
+        labels_train=rng.integers(0, 10, (2, 50)),
+        labels_test=rng.integers(0, 10, 30),
+        noise_mask=rng.random((2, 50)) < 0.3,
+    )
+    # record.inputs: 700 samples of 12 KiB in chunks of 341 (at most 4 MiB), the last chunk partly filled
+    static |= {schema.DATA.x_test: rng.standard_normal((700, 3, 32, 32)).astype(np.float32)}
+    writer = create_store(tmp_path / "s.zarr", {}, [], static)
+    writer.close("complete")
+    reference = zarr.open_group(LocalStore(tmp_path / "ref.zarr"), mode="w", zarr_format=3)
+    reader = StoreReader(tmp_path / "s.zarr")
+    for name, values in static.items():
+        spec = schema.static_array(name, values)
+        reference.create_array(name, **store_writer._array_kwargs(spec, len(values)))[...] = values
+        mine = sorted(p.name for p in (tmp_path / "s.zarr" / name).iterdir() if p.name != "zarr.json")
+        assert mine == sorted(p.name for p in (tmp_path / "ref.zarr" / name).iterdir() if p.name != "zarr.json")
+        assert len(mine) == (3 if name == schema.DATA.x_test else 1), name
+        for chunk in mine:
+            assert (tmp_path / "s.zarr" / name / chunk).read_bytes() == (
+                tmp_path / "ref.zarr" / name / chunk
+            ).read_bytes()
+        np.testing.assert_array_equal(reader.array(name), values, err_msg=name)
