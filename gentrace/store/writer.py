@@ -349,6 +349,7 @@ def _create_arrays(root: Path, specs: list[tuple[schema.ArraySpec, int]]) -> Non
             if not (group / "zarr.json").exists():
                 group.mkdir(parents=True, exist_ok=True)
                 (group / "zarr.json").write_text(json.dumps(GROUP_DOCUMENT))
+
     def create(spec: schema.ArraySpec, rows: int) -> None:
         document = dict(templates[(spec.dtype, spec.codec, repr(spec.fill_value))])
         document["shape"] = [rows, *spec.row_shape]
