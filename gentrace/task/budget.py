@@ -221,7 +221,8 @@ def store_parts(cfg: RunConfig) -> list[Part]:
         GRAD: "record.grad_moments",
         ACTS: "record.activations",
     }
-    # one file per row and array in the row-chunked streams: at least a file system block each
+    # at least one chunk file per array in the per-row streams (rows pack several to a chunk, up to
+    # schema.PACKED_CHUNK_BYTES): at least a file system block each
     files = {
         PARAMS: 1 + _named_count(sizes, rec.params.names),
         GRAD: 3 + 4 * len(sizes),
@@ -229,7 +230,7 @@ def store_parts(cfg: RunConfig) -> list[Part]:
         ACTS: 2 + len(units) * (2 if rec.activations.values else 1),
     }
     parts = [
-        Part(f"{s.name} ({rows[s]} rows)", int(rows[s] * max(row_bytes[s], files.get(s, 0) * BLOCK)), keys[s])
+        Part(f"{s.name} ({rows[s]} rows)", int(max(rows[s] * row_bytes[s], files.get(s, 0) * BLOCK)), keys[s])
         for s in rows
         if rows[s]
     ]
