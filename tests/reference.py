@@ -150,7 +150,7 @@ def write_store(
     with_grad: bool = True,
 ) -> Path:
     """A store with a `grad` stream (one row per entry of `steps`) and optionally a `metrics` stream."""
-    replicates = len(grads[0]) if grads else 1
+    replicates = len(grads[0]) if grads else (np.shape(train_loss)[1] if np.ndim(train_loss) == 2 else 1)
     shapes = {name: g.shape[1:] for name, g in grads[0][0].items()} if grads else {}
     streams = [schema.grad_stream(len(steps), replicates, shapes)] if with_grad else []
     if len(metric_steps):
