@@ -67,6 +67,13 @@ def assert_zarrs_bytes(
             assert (store / spec.path / name).read_bytes() == (reference_dir / spec.path / name).read_bytes(), name
 
 
+def started(path: Path, *streams: schema.StreamSpec, rows: int = ROWS) -> store_writer.StoreWriter:
+    """A new store at `path` for `streams` (default: the grad stream of SHAPES), its writer started."""
+    writer = create_store(path, {"total_steps": rows}, list(streams) or [schema.grad_stream(rows, 2, SHAPES)], {})
+    writer.start()
+    return writer
+
+
 def test_per_row_arrays_pack_several_rows_per_chunk() -> None:
     stream = schema.grad_stream(ROWS, 2, SHAPES)
     assert all(spec.chunks()[0] == ROWS for spec in stream.arrays)  # ~240 B rows: the whole run in one chunk
@@ -76,8 +83,7 @@ def test_per_row_arrays_pack_several_rows_per_chunk() -> None:
 
 def test_rows_written_over_many_commits_are_zarrs_bytes_and_no_partial_file_is_left(tmp_path: Path) -> None:
     stream = schema.grad_stream(ROWS, 2, SHAPES)
-    writer = create_store(tmp_path / "s.zarr", {"total_steps": ROWS}, [stream], {})
-    writer.start()
+    writer = started(tmp_path / "s.zarr", stream)
     parts = []
     for start, count in ((0, 1), (1, 3), (4, 1), (5, 2), (7, 3)):  # every barrier rewrites the one chunk
         parts.append(grad_rows(start, count))
@@ -148,9 +154,7 @@ def test_a_checkpoint_row_commits_the_rows_every_stream_handed_over_before_it(
 
 
 def test_an_idle_writer_writes_its_tails(tmp_path: Path) -> None:
-    stream = schema.grad_stream(ROWS, 2, SHAPES)
-    writer = create_store(tmp_path / "s.zarr", {"total_steps": ROWS}, [stream], {})
-    writer.start()
+    writer = started(tmp_path / "s.zarr")
     writer.put(RowBlock(schema.GRAD.name, 0, grad_rows(0, 2)))
     reader = StoreReader(tmp_path / "s.zarr")
     deadline = time.monotonic() + 20  # waits for the counter, not for a guessed duration
@@ -163,8 +167,7 @@ def test_an_idle_writer_writes_its_tails(tmp_path: Path) -> None:
 def test_resume_inside_a_chunk_keeps_the_rows_before_the_cut(tmp_path: Path) -> None:
     stream = schema.grad_stream(ROWS, 2, SHAPES)
     path = tmp_path / "s.zarr"
-    writer = create_store(path, {"total_steps": ROWS}, [stream], {})
-    writer.start()
+    writer = started(path, stream)
     first = grad_rows(0, 5)
     writer.put(RowBlock(schema.GRAD.name, 0, first))
     writer.close("interrupted")
@@ -185,10 +188,8 @@ def test_resume_inside_a_chunk_keeps_the_rows_before_the_cut(tmp_path: Path) -> 
 def test_a_failed_rewrite_leaves_the_committed_rows_of_its_chunk_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    stream = schema.grad_stream(ROWS, 2, SHAPES)
     path = tmp_path / "s.zarr"
-    writer = create_store(path, {"total_steps": ROWS}, [stream], {})
-    writer.start()
+    writer = started(path)
     first = grad_rows(0, 4)
     writer.put(RowBlock(schema.GRAD.name, 0, first))
     writer.wait()
@@ -224,9 +225,7 @@ def run_and_count_chunk_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
         original(self, path, *args)
 
     monkeypatch.setattr(store_writer.StoreWriter, "_write_chunk", counting)
-    stream = schema.grad_stream(rows, 2, SHAPES)
-    writer = create_store(tmp_path / f"s{rows}.zarr", {"total_steps": rows}, [stream], {})
-    writer.start()
+    writer = started(tmp_path / f"s{rows}.zarr", rows=rows)
     for row in range(rows):
         writer.put(RowBlock(schema.GRAD.name, row, grad_rows(row, 1)))
     writer.close("complete")

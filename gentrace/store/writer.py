@@ -308,14 +308,18 @@ def _write_static(store: Path, root: zarr.Group, spec: schema.ArraySpec, values:
         zarr.open_array(root.store, path=spec.path, mode="r+", zarr_format=3).with_config(WRITE_CONFIG)[...] = values
         return
     per = chunks[0]
-    encoder = schema.CHUNK_ENCODERS[spec.codec]()
-    dtype = np.dtype(spec.dtype).newbyteorder("<")
     for index in range(math.ceil(len(values) / per)):
         part = values[index * per : (index + 1) * per]
-        chunk = np.full((per, *values.shape[1:]), spec.fill_value, dtype=dtype)
+        chunk = np.full((per, *values.shape[1:]), spec.fill_value, dtype=spec.dtype)
         chunk[: len(part)] = part
         key = ".".join(["c", str(index), *["0"] * (values.ndim - 1)])
-        (store / spec.path / key).write_bytes(encoder.encode(chunk))
+        (store / spec.path / key).write_bytes(_encode_chunk(spec.codec, spec.dtype, chunk))
+
+
+def _encode_chunk(codec: str, dtype: Any, values: np.ndarray) -> bytes:
+    """A chunk file's bytes: `values` (the whole chunk) little-endian, encoded with the schema's `codec`."""
+    little = np.ascontiguousarray(values, dtype=np.dtype(dtype).newbyteorder("<"))
+    return schema.CHUNK_ENCODERS[codec]().encode(little)
 
 
 def _create_array(root: zarr.Group, spec: schema.ArraySpec, rows: int) -> zarr.Array:
@@ -774,7 +778,7 @@ class StoreWriter:
 
         zarr's generic write costs ~1 ms per chunk in Python (codec pipeline, event loop hops, and
         a read of the chunk when it holds several rows); a chunk of whole rows needs none of it:
-        the writer assembles the chunk (see `_direct_chunks`), encodes it with the array's own
+        the writer assembles the chunk (see `_place`), encodes it with the array's own
         codecs (crc32c included) and writes the chunk file.
         """
         if path not in self._direct:
@@ -849,8 +853,7 @@ class StoreWriter:
         assert codec is not None
         key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
         target = self.path / path / key
-        dtype = np.dtype(array.dtype).newbyteorder("<")
-        encoded = schema.CHUNK_ENCODERS[codec]().encode(np.ascontiguousarray(values, dtype=dtype))
+        encoded = _encode_chunk(codec, array.dtype, values)
         written = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial") if replace else target
         self._uncommitted.append(written)  # never the old chunk of committed rows: a failure must keep it
         try:
