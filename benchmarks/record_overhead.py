@@ -37,7 +37,7 @@ import torch
 import gentrace
 from gentrace.core import config
 from gentrace.moments.linear import bias_moments, weight_moments
-from gentrace.store import schema
+from gentrace.store import rootmeta, schema
 from gentrace.task.data import build_data
 from gentrace.task.models import build_model
 from gentrace.training.loop import Trainer
@@ -331,6 +331,7 @@ def main() -> None:
         overrides = [*CNN_PRESET, f"data.root='{data_root.name}'", *overrides]
     cfg = config.load(args.config, overrides)
     times: dict[str, list[float]] = {"off": [], "probes only": [], "on": [], "plain loop": [], "plain loop + Run": []}
+    throughput: list[float] = []  # the `on` stores' writer: MiB handed over / busy s (as `gentrace info` shows)
     # stores go where users put them (under the current directory, as runs/ does), not into /tmp: on
     # some machines /tmp creates files ~30x slower (0.75 ms vs 0.02 ms here), which a user never sees
     with tempfile.TemporaryDirectory(dir=args.root, prefix=".bench-") as tmp:
@@ -339,6 +340,8 @@ def main() -> None:
             times["off"].append(time_off(cfg, args.device))
             times["probes only"].append(time_probes_only(cfg, args.device))
             times["on"].append(time_on(cfg, args.device, Path(tmp), i))
+            writer = rootmeta.read(Path(tmp) / f"on-{i}.zarr")["attributes"]["writer"]
+            throughput.append(writer["bytes"] / 2**20 / writer["busy_s"])
             if not args.no_plain:
                 times["plain loop"].append(time_plain_loop(cfg, args.device, None))
                 times["plain loop + Run"].append(time_plain_loop(cfg, args.device, Path(tmp) / f"run-{i}.zarr"))
@@ -358,8 +361,17 @@ def main() -> None:
     for name, values in times.items():
         runs = " ".join(f"{t:.3f}" for t in values)
         print(f"{name:<18}{medians[name]:>10.3f}{medians[name] / medians['off']:>14.3f}   {runs}")
-    print(f"overhead ratio (on / off): {medians['on'] / medians['off']:.3f}")
-    print(f"writer ratio (on / probes only): {medians['on'] / medians['probes only']:.3f}")
+    # A ratio of medians, and the median of each repeat's own ratio (its variants ran back to back, so a
+    # machine that slows down for a while slows both sides of that repeat's ratio alike).
+    for label, top, bottom in (
+        ("overhead ratio (on / off)", "on", "off"),
+        ("probes ratio (probes only / off)", "probes only", "off"),
+        ("writer ratio (on / probes only)", "on", "probes only"),
+    ):
+        paired = statistics.median(t / b for t, b in zip(times[top], times[bottom], strict=True))
+        print(f"{label}: {medians[top] / medians[bottom]:.3f} (median of per-repeat ratios {paired:.3f})")
+    runs = " ".join(f"{t:.0f}" for t in throughput)
+    print(f"writer throughput (MiB handed over / busy s, `on` runs): {statistics.median(throughput):.0f}   {runs}")
     if args.streams:
         print(f"{'stream':<18}{'cost s':>10}{'floor s':>10}{'cost / floor':>14}   (cost: time inside its probe)")
         for group, values in per_stream.items():

@@ -105,6 +105,9 @@ def crash(moment: str, cfg: Path, store: Path) -> Crash:
 EARLY = {"first-write": "first-write", "bare-zarr": "bare-zarr"}
 # Kills of a resume while it cuts the store back to its checkpoint, and of the final close.
 LATE = {"resume-killed-while-truncating": "step:17+truncating", "finish-killed-before-status-complete": "final-status"}
+# With the default `checkpoint_every_s` (30 s) only the last snapshot of TINY carries a checkpoint, none at
+# step 0: a kill after rows were committed leaves no checkpoint, and `--resume` starts over.
+UNCHECKPOINTED = {"step-7-rows-committed-no-checkpoint-yet": "step:7"}
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +115,16 @@ def crashes(tmp_path_factory: pytest.TempPathFactory, reference_store: Path) -> 
     """Every moment killed, copied, `info`-ed and resumed; every early kill too (a few at a time)."""
     tmp = tmp_path_factory.mktemp("crash")
     cfg = tiny_config(tmp)
+    every_30_s = tiny_config(tmp, "tiny-30s.toml", **{"record.checkpoint_every_s": 30})
     jobs: dict[str, Callable[[], Any]] = {}
     for name, moment in {**MOMENTS, **EARLY, **LATE}.items():
         jobs[name] = partial(crash, moment, cfg, tmp / f"{name}.zarr")
+    for name, moment in UNCHECKPOINTED.items():
+        jobs[name] = partial(crash, moment, every_30_s, tmp / f"{name}.zarr")
     return concurrently(jobs)
 
 
-@pytest.fixture(params=list({**MOMENTS, **EARLY, **LATE}))
+@pytest.fixture(params=list({**MOMENTS, **EARLY, **LATE, **UNCHECKPOINTED}))
 def crashed(request: pytest.FixtureRequest, crashes: dict[str, Future[Any]]) -> Crash:
     """The run killed at one moment."""
     result: Crash = crashes[request.param].result()
@@ -185,6 +191,26 @@ def test_kill_before_the_first_snapshot_is_started_over(crashes: dict[str, Futur
         assert store_attrs(run.killed)["committed"].get("params", 0) == 0, name
         assert run.resume.returncode == 0, run.resume.stderr
         assert StoreReader(run.store).status == "complete"
+
+
+def test_a_kill_before_the_first_checkpoint_starts_over_with_a_warning(crashes: dict[str, Future[Any]]) -> None:
+    """Step 0 carries no checkpoint (its state is the config's): rows committed, none to resume from.
+
+    The resume records the run again from step 0 with the stored thread count (the generic resume
+    test checks it reaches the uninterrupted run exactly) and says so in one warning line.
+    """
+    run: Crash = crashes["step-7-rows-committed-no-checkpoint-yet"].result()
+    attrs = store_attrs(run.killed)
+    assert attrs["committed"]["params"] >= 1  # the driver waits for params row 0 on disk
+    assert StoreReader(run.killed).checkpoint_steps() == []
+    assert attrs.get("checkpoint_step") is None
+    assert run.resume.returncode == 0, run.resume.stderr
+    assert run.resume.stderr.splitlines() == [
+        f"warning: {run.store} has no resume checkpoint yet; the run starts over from step 0"
+    ]
+    final = store_attrs(run.store)
+    assert final["threads"] == attrs["threads"]
+    assert StoreReader(run.store).checkpoint_steps() == [20]  # the last snapshot's
 
 
 def test_a_resume_killed_while_truncating_left_the_cut_rows_uncommitted(crashes: dict[str, Future[Any]]) -> None:

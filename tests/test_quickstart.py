@@ -82,6 +82,12 @@ def test_info_lists_every_stream_with_rows(quickstart: tuple[Path, subprocess.Co
     as_json = json.loads(gentrace("info", "--json", str(path), cwd=path.parent).stdout)
     assert {s["name"]: s["rows"] for s in as_json["streams"]} == {s: reader.committed(s) for s in STREAMS}
     assert as_json["compression_ratio"] > 0
+    writer = as_json["writer"]  # the writer's throughput: bytes handed over per busy second
+    assert as_json["writer_mib_per_s"] == pytest.approx(writer["bytes"] / 2**20 / writer["busy_s"])
+    assert as_json["writer_mib_per_cpu_s"] == pytest.approx(writer["bytes"] / 2**20 / writer["cpu_s"])
+    assert writer["cpu_s"] > 0
+    per_cpu = f"{writer['cpu_s']:.2f} s of CPU, {as_json['writer_mib_per_cpu_s']:.0f} MiB per CPU second"
+    assert f"handed over, {as_json['writer_mib_per_s']:.0f} MiB/s; {per_cpu})" in text.stdout
 
 
 def test_plain_zarr_arrays_end_at_committed(quickstart: tuple[Path, subprocess.CompletedProcess[str]]) -> None:

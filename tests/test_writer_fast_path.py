@@ -8,11 +8,13 @@ slow path; these tests fail if any whole-row array goes there again, or if the b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
+from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
 
 from gentrace.store import schema
@@ -68,4 +70,61 @@ def test_every_whole_row_array_takes_the_direct_path_with_zarrs_bytes(
         for name in written:
             mine = (tmp_path / "s.zarr" / spec.path / name).read_bytes()
             assert mine == (tmp_path / "ref.zarr" / spec.path / name).read_bytes(), f"{spec.path}/{name}"
+        np.testing.assert_array_equal(reader.array(spec.path), np.concatenate([row[spec.path] for row in rows]))
+
+
+def test_the_layout_read_from_zarr_json_is_zarrs_own_view_of_every_array(tmp_path: Path) -> None:
+    """The direct path reads shape, chunks, dtype, fill value and chunk keys from `zarr.json` itself."""
+    streams = [
+        schema.grad_stream(5, 2, SHAPES),
+        schema.tensor_stream(schema.PARAMS, 5, 2, {"0.weight": (6, 5), "0.bias": (6,)}),
+    ]
+    static = {schema.DATA.labels_test: np.arange(30) % 10, schema.DATA.noise_mask: np.zeros((2, 50), bool)}
+    writer = create_store(tmp_path / "s.zarr", {"total_steps": 5}, streams, static)
+    writer.close("complete")
+    documents = sorted((tmp_path / "s.zarr").rglob("*/zarr.json"))  # the root's is the group's
+    arrays = 0
+    for document in documents:
+        path = document.parent.relative_to(tmp_path / "s.zarr").as_posix()
+        node = zarr.open(LocalStore(tmp_path / "s.zarr"), path=path, mode="r", zarr_format=3)
+        if not isinstance(node, zarr.Array):
+            continue
+        arrays += 1
+        layout = store_writer._layout(json.loads(document.read_text()))
+        assert layout.shape == node.shape, path
+        assert layout.chunks == node.chunks, path
+        assert layout.dtype == node.dtype, path
+        assert np.array_equal(np.array(layout.fill_value, node.dtype), np.array(node.fill_value), equal_nan=True), path
+        assert layout.codec == node.attrs["gentrace_codec"], path  # every schema array takes the direct path
+        assert layout.key(3) == node.metadata.encode_chunk_key((3,) + (0,) * (node.ndim - 1)), path
+    assert arrays == sum(len(s.arrays) for s in streams) + len(static)
+
+
+def test_an_array_with_other_codecs_goes_through_zarr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store written with other codecs (an older schema) is resumed through zarr's own write, never miswritten."""
+    through_zarr: list[str] = []
+    original = store_writer._write_rows
+
+    async def spy(array: zarr.Array, parts: list[tuple[int, np.ndarray]]) -> None:
+        through_zarr.append(array.path)
+        await original(array, parts)
+
+    monkeypatch.setattr(store_writer, "_write_rows", spy)
+    stream = schema.grad_stream(3, 2, SHAPES)
+    writer = create_store(tmp_path / "s.zarr", {"total_steps": 3}, [stream], {})
+    writer.close("running")
+    other = next(spec for spec in stream.arrays if spec.dtype == "float32")
+    kwargs = {**store_writer._array_kwargs(other, 3), "compressors": [ZstdCodec(level=1)]}  # no crc32c
+    zarr.open_group(LocalStore(tmp_path / "s.zarr"), mode="r+", zarr_format=3).create_array(other.path, **kwargs)
+    writer = store_writer.open_for_resume(tmp_path / "s.zarr")
+    writer.declare([stream])
+    writer.start()
+    rng = np.random.default_rng(1)
+    rows = [grad_row(step, rng) for step in range(3)]
+    for i, row in enumerate(rows):
+        writer.put(RowBlock(schema.GRAD.name, i, row))
+    writer.close("complete")
+    assert set(through_zarr) == {other.path}
+    reader = StoreReader(tmp_path / "s.zarr")
+    for spec in stream.arrays:
         np.testing.assert_array_equal(reader.array(spec.path), np.concatenate([row[spec.path] for row in rows]))

@@ -218,11 +218,11 @@ def test_a_failed_rewrite_leaves_the_committed_rows_of_its_chunk_whole(
 
 def run_and_count_chunk_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int) -> int:
     writes: list[str] = []
-    original: Callable[..., None] = store_writer.StoreWriter._write_chunk
+    original: Callable[..., float] = store_writer.StoreWriter._write_chunk
 
-    def counting(self: store_writer.StoreWriter, path: str, *args: object) -> None:
+    def counting(self: store_writer.StoreWriter, path: str, *args: object) -> float:
         writes.append(path)
-        original(self, path, *args)
+        return original(self, path, *args)
 
     monkeypatch.setattr(store_writer.StoreWriter, "_write_chunk", counting)
     writer = started(tmp_path / f"s{rows}.zarr", rows=rows)

@@ -210,8 +210,10 @@ class RecordConfig:
     """`[record]`: what is streamed into the store, and how often.
 
     `checkpoint_every_s`: a parameter snapshot carries a resume checkpoint (model, optimizer and
-    RNG state) if at least this many seconds passed since the last one (the first and last
-    snapshots always do; 0 = every snapshot). At most this much training is redone after a kill.
+    RNG state) if at least this many seconds passed since the last one or since the run's start
+    (the last snapshot always does; 0 = every snapshot, step 0's included). At most this much
+    training is redone after a kill; a kill before the first checkpoint makes `--resume` start
+    the run over, to the same result.
 
     `inputs`: also store the evaluated inputs themselves (`data/x_train` [M, n, *input_shape] and
     `data/x_test` [n_test, *input_shape], float32, written once) so that the analyses that need the

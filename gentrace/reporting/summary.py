@@ -76,8 +76,20 @@ def summarize(reader: StoreReader) -> dict[str, Any]:
         "compacted": attrs.get("compacted"),
         "compression_ratio": raw / data if data else None,
         "writer": attrs.get("writer", {}),
+        "writer_mib_per_s": _throughput(attrs.get("writer", {}), "busy_s"),
+        "writer_mib_per_cpu_s": _throughput(attrs.get("writer", {}), "cpu_s"),
         "own_loop": attrs.get("own_loop"),
     }
+
+
+def _throughput(writer: Any, seconds: str) -> float | None:
+    """The writer's MiB handed over per second `busy_s` (wall) or `cpu_s`; None before it wrote (or an older store)."""
+    if not isinstance(writer, dict):
+        return None
+    busy, handed = writer.get(seconds), writer.get("bytes")
+    if not (isinstance(busy, int | float) and isinstance(handed, int | float)) or busy <= 0 or handed <= 0:
+        return None
+    return float(handed) / 2**20 / float(busy)
 
 
 def describe_config(cfg: dict[str, Any]) -> str:
@@ -147,10 +159,14 @@ def render(summary: dict[str, Any]) -> str:
     where = f"on disk    {human_bytes(summary['disk_bytes'])} in {summary['files']} files"
     if summary["compacted"]:
         where += " (compacted into shards)"
+    busy, handed = float(writer.get("busy_s", 0) or 0), int(writer.get("bytes", 0) or 0)
+    rate = f", {summary['writer_mib_per_s']:.0f} MiB/s" if summary.get("writer_mib_per_s") else ""
+    per_cpu = summary.get("writer_mib_per_cpu_s")
+    cpu = f"; {float(writer['cpu_s']):.2f} s of CPU, {per_cpu:.0f} MiB per CPU second" if per_cpu else ""
     lines += [
         "",
         f"{where}; compression ratio {ratio:.2f}" if ratio else where,
-        f"writer     busy {writer.get('busy_s', 0):.2f} s over {writer.get('blocks', 0)} blocks "
-        f"({human_bytes(writer.get('bytes', 0))} handed over)",
+        f"writer     busy {busy:.2f} s over {writer.get('blocks', 0)} blocks "
+        f"({human_bytes(handed)} handed over{rate}{cpu})",
     ]
     return "\n".join(lines)

@@ -119,11 +119,38 @@ class _Tail:
     since: float
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What the direct chunk path needs of an array, read from its `zarr.json` (no zarr objects).
+
+    `codec`: the schema codec its chunks are written with when they hold whole rows and the array's
+    codecs are the ones the schema writes today (crc32c included); None: chunks go through zarr.
+    """
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: np.dtype
+    fill_value: Any
+    codec: str | None
+    separator: str
+
+    def key(self, index: int) -> str:
+        """The chunk file holding chunk `index` along the rows (the whole row: index 0 on every other axis)."""
+        return self.separator.join(["c", str(index), *["0"] * (len(self.shape) - 1)])
+
+
 @dataclass
 class WriterStats:
-    """Writer bookkeeping reported by `gentrace info`."""
+    """Writer bookkeeping reported by `gentrace info`.
+
+    `busy_s`: wall seconds the writer spent writing and committing (on a machine whose cores training
+    keeps busy, this includes waiting for a core); `cpu_s`: CPU seconds the writer thread and its
+    chunk-writing threads used for it, what the writer costs a training loop that shares the cores
+    (zarr's own write, taken only by arrays with other codecs, runs on zarr's threads, not counted).
+    """
 
     busy_s: float = 0.0
+    cpu_s: float = 0.0
     blocks: int = 0
     bytes: int = 0
     committed: dict[str, int] = field(default_factory=dict)
@@ -322,30 +349,16 @@ def _encode_chunk(codec: str, dtype: Any, values: np.ndarray) -> bytes:
     return schema.CHUNK_ENCODERS[codec]().encode(little)
 
 
-def _create_array(root: zarr.Group, spec: schema.ArraySpec, rows: int) -> zarr.Array:
-    return root.create_array(spec.path, **_array_kwargs(spec, rows)).with_config(WRITE_CONFIG)
-
-
 def _create_arrays(root: Path, specs: list[tuple[schema.ArraySpec, int]]) -> None:
     """Create many arrays at once: their `zarr.json` files written directly, from metadata zarr itself made.
 
     zarr's own create_array costs ~2-4 ms of Python per array (a run has dozens, a vision transformer
-    hundreds). The metadata of arrays of one dtype, codec and fill value differ only in `shape`,
-    `chunk_grid` and `attributes` (the codecs depend on the dtype alone: byte order, Blosc's typesize),
+    hundreds). The metadata of arrays of one dtype and codec (the fill value follows from the dtype)
+    differ only in `shape`, `chunk_grid` and `attributes` (the codecs depend on the dtype alone: byte
+    order, Blosc's typesize),
     so zarr builds one array per such kind in memory, and each array's `zarr.json` is that document with
     its own shape, chunk shape and attributes. Parent groups are written first (plain group documents).
     """
-    templates = _TEMPLATES
-    memory: zarr.Group | None = None
-    for spec, _ in specs:
-        key = (spec.dtype, spec.codec, repr(spec.fill_value))  # repr: NaN != NaN
-        if key not in templates:
-            memory = memory or zarr.open_group(MemoryStore(), mode="w", zarr_format=3)
-            name = f"t{len(templates)}"
-            memory.create_array(name, **_array_kwargs(spec, 1))
-            raw = sync(memory.store.get(f"{name}/zarr.json", prototype=default_buffer_prototype()))
-            assert raw is not None
-            templates[key] = json.loads(raw.to_bytes())
     parents = sorted({spec.path.rsplit("/", 1)[0] for spec, _ in specs if "/" in spec.path}, key=len)
     for parent in parents:
         for depth in range(1, parent.count("/") + 2):
@@ -354,8 +367,11 @@ def _create_arrays(root: Path, specs: list[tuple[schema.ArraySpec, int]]) -> Non
                 group.mkdir(parents=True, exist_ok=True)
                 (group / "zarr.json").write_text(json.dumps(GROUP_DOCUMENT))
 
+    for spec, _ in specs:  # made here, before the threads below read them
+        _template(spec.dtype, spec.codec)
+
     def create(spec: schema.ArraySpec, rows: int) -> None:
-        document = dict(templates[(spec.dtype, spec.codec, repr(spec.fill_value))])
+        document = dict(_template(spec.dtype, spec.codec))
         document["shape"] = [rows, *spec.row_shape]
         document["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": list(spec.chunks())}}
         document["attributes"] = {**spec.attrs, "gentrace_codec": spec.codec}
@@ -372,8 +388,65 @@ def _create_arrays(root: Path, specs: list[tuple[schema.ArraySpec, int]]) -> Non
 
 
 GROUP_DOCUMENT = {"zarr_format": 3, "node_type": "group", "attributes": {}}
-# The metadata document of each (dtype, codec, fill value), made by zarr once per process (~3 ms each).
-_TEMPLATES: dict[tuple[str, str, str], dict[str, Any]] = {}
+# The metadata document of each (dtype, codec), made by zarr once per process (~3 ms each); the
+# schema's fill value follows from the dtype (schema.ArraySpec.fill_value).
+_TEMPLATES: dict[tuple[str, str], dict[str, Any]] = {}
+# The data types the direct chunk path encodes (a NumPy dtype of the same name, zarr v3's core types).
+_PLAIN_DTYPES = frozenset(
+    ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64"]
+)
+
+
+def _template(dtype: str, codec: str) -> dict[str, Any]:
+    """The `zarr.json` zarr itself writes for a one-row array of `dtype` with the schema's `codec` (cached)."""
+    key = (dtype, codec)
+    if key not in _TEMPLATES:
+        memory = zarr.open_group(MemoryStore(), mode="w", zarr_format=3)
+        memory.create_array("t", **_array_kwargs(schema.ArraySpec("t", (), dtype, codec), 1))
+        raw = sync(memory.store.get("t/zarr.json", prototype=default_buffer_prototype()))
+        assert raw is not None
+        _TEMPLATES[key] = json.loads(raw.to_bytes())
+    return _TEMPLATES[key]
+
+
+def _codecs_json(document: Mapping[str, Any]) -> list[Any]:
+    """An array document's codecs as JSON, Blosc's `typesize` left out.
+
+    zarr fills `typesize` in from the array's dtype when the array is created (4 for float32 and
+    int32); the direct encoder (numcodecs' Blosc) takes it from the array it encodes, so it is the
+    dtype's item size on both paths and says nothing about the bytes written.
+    """
+    codecs = []
+    for codec in document.get("codecs", []):
+        if isinstance(codec, dict) and isinstance(codec.get("configuration"), dict):
+            codec = {**codec, "configuration": {k: v for k, v in codec["configuration"].items() if k != "typesize"}}
+        codecs.append(codec)
+    return codecs
+
+
+def _layout(document: Mapping[str, Any]) -> _Layout:
+    """The direct path's view of an array document; `codec` None unless every part of it is the schema's own."""
+    shape = tuple(int(n) for n in document["shape"])
+    grid = document.get("chunk_grid", {})
+    chunks = tuple(int(n) for n in grid.get("configuration", {}).get("chunk_shape", shape))
+    data_type, fill = document.get("data_type"), document.get("fill_value")
+    keys = document.get("chunk_key_encoding", {})
+    separator = keys.get("configuration", {}).get("separator", "/") if keys.get("name") == "default" else ""
+    codec = document.get("attributes", {}).get("gentrace_codec")
+    plain = isinstance(data_type, str) and data_type in _PLAIN_DTYPES
+    if isinstance(fill, str):  # zarr v3 writes NaN and the infinities as strings, other floats as hex
+        fill = float(fill) if fill in ("NaN", "Infinity", "-Infinity") else None
+    direct = (
+        plain
+        and fill is not None
+        and separator
+        and chunks[1:] == shape[1:]
+        and grid.get("name") == "regular"
+        and codec in schema.CHUNK_ENCODERS
+        and _codecs_json(document) == _codecs_json(_template(str(data_type), str(codec)))
+    )
+    dtype = np.dtype(data_type) if plain else np.dtype("V1")
+    return _Layout(shape, chunks, dtype, fill, str(codec) if direct else None, separator or "/")
 
 
 class StoreWriter:
@@ -389,6 +462,7 @@ class StoreWriter:
         self.stats = WriterStats(committed=dict(attrs.get("committed", {})))
         previous = attrs.get("writer", {})
         self.stats.busy_s = float(previous.get("busy_s", 0.0))
+        self.stats.cpu_s = float(previous.get("cpu_s", 0.0))
         self.stats.bytes = int(previous.get("bytes", 0))
         self._total_steps = int(attrs.get("total_steps", 0) or 0)
         self._last_step = -1
@@ -400,7 +474,7 @@ class StoreWriter:
         self.resume_hint = f"`gentrace record --resume --out {path}`"
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._direct: dict[str, str | None] = {}
+        self._layouts: dict[str, _Layout] = {}
         # Per direct-path array with several rows per chunk: its last, unfilled chunk (see `_place`).
         self._tails: dict[str, _Tail] = {}
         # Per stream: the rows handed over and written, except those still waiting in a tail.
@@ -427,7 +501,7 @@ class StoreWriter:
                     array = self._array(spec.path)
                     if array.shape[0] < stream.rows:  # growing deletes nothing
                         array.resize((stream.rows, *array.shape[1:]))
-                        self._arrays.pop(spec.path)
+                        self._forget(spec.path)
                 else:
                     new.append((spec, stream.rows))
         if new:
@@ -673,16 +747,15 @@ class StoreWriter:
         self._flush_next = False
         if not blocks and not (flush and due is not None):
             return
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         parts: dict[str, list[tuple[int, np.ndarray]]] = {}
         for block in blocks:
             stop = block.start + block.rows
             for path, values in block.arrays.items():
-                array = self._array(path)
-                if array.shape[0] < stop:
-                    grown = max(stop, array.shape[0] + schema.GROW_ROWS)
-                    array.resize((grown, *array.shape[1:]))
-                    self._arrays.pop(path)
+                shape = self._layout(path).shape
+                if shape[0] < stop:
+                    self._array(path).resize((max(stop, shape[0] + schema.GROW_ROWS), *shape[1:]))
+                    self._forget(path)
                 parts.setdefault(path, []).append((block.start, values))
                 self.stats.bytes += values.nbytes
         direct = {path: rows for path, rows in parts.items() if self._row_chunks(path)}
@@ -701,7 +774,7 @@ class StoreWriter:
                 errors.append(exc)
         for future in futures:
             try:
-                future.result()
+                self.stats.cpu_s += future.result()
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
         if errors:
@@ -713,12 +786,13 @@ class StoreWriter:
                 self._write_checkpoint(block.checkpoint, block.checkpoint_step)
         self.stats.blocks += len(blocks)
         self.stats.busy_s += time.perf_counter() - t0
+        self.stats.cpu_s += time.thread_time() - cpu0
         self._commit_written(blocks)
         self._last_write = time.monotonic()
 
     def _commit_written(self, blocks: list[RowBlock]) -> None:
         """Raise the committed counters to the rows now wholly on disk (one attrs write), then prune checkpoints."""
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         for block in blocks:
             stop = block.start + block.rows
             self._handed[block.stream] = max(stop, self._handed.get(block.stream, 0))
@@ -742,6 +816,7 @@ class StoreWriter:
             self.prune_checkpoints(upto=checkpoints[-1])
         blocks.clear()
         self.stats.busy_s += time.perf_counter() - t0
+        self.stats.cpu_s += time.thread_time() - cpu0
 
     def _commit_attrs(self) -> dict[str, Any]:
         return {
@@ -749,6 +824,7 @@ class StoreWriter:
             schema.CHECKPOINT_ATTR: self._checkpoint_step,
             "writer": {
                 "busy_s": round(self.stats.busy_s, 4),
+                "cpu_s": round(self.stats.cpu_s, 4),
                 "blocks": self.stats.blocks,
                 "bytes": self.stats.bytes,
             },
@@ -763,13 +839,14 @@ class StoreWriter:
             for stream, paths in self._streams.items():
                 rows = self.stats.committed.get(stream, 0)
                 for path in paths:
-                    array = self._array(path)
-                    if array.shape[0] != rows:
+                    layout = self._layout(path)
+                    if layout.shape[0] != rows:
                         # Metadata first, then the chunk files past it: a kill in between leaves
                         # only unreferenced files, never a shape below the committed rows.
-                        sync(array.async_array.resize((rows, *array.shape[1:]), delete_outside_chunks=False))
-                        self._arrays.pop(path)
-                        _delete_chunks_from(self.path / path, -(-rows // int(array.chunks[0])))
+                        array = self._array(path).async_array
+                        sync(array.resize((rows, *layout.shape[1:]), delete_outside_chunks=False))
+                        self._forget(path)
+                        _delete_chunks_from(self.path / path, -(-rows // layout.chunks[0]))
         status = item.final_status(item.status) if item.final_status is not None else item.status
         self.write_attrs({**item.attrs, **self._commit_attrs(), "status": status, "finished": now()})
 
@@ -779,17 +856,11 @@ class StoreWriter:
         zarr's generic write costs ~1 ms per chunk in Python (codec pipeline, event loop hops, and
         a read of the chunk when it holds several rows); a chunk of whole rows needs none of it:
         the writer assembles the chunk (see `_place`), encodes it with the array's own
-        codecs (crc32c included) and writes the chunk file.
+        codecs (crc32c included) and writes the chunk file. The direct encoder writes what the
+        schema's codecs write today: an array with other codecs (a schema-1 store being resumed)
+        goes through zarr (`_layout`).
         """
-        if path not in self._direct:
-            array = self._array(path)
-            codec = array.attrs.get("gentrace_codec")
-            whole = tuple(array.chunks[1:]) == tuple(array.shape[1:])
-            # The direct encoder writes what the schema's codecs write today (crc32c included): an
-            # array with other codecs (a schema-1 store being resumed) goes through zarr.
-            ok = whole and codec in schema.CHUNK_ENCODERS and _same_codecs(array.compressors, schema.CODECS[codec]())
-            self._direct[path] = str(codec) if ok else None
-        return self._direct[path]
+        return self._layout(path).codec
 
     def _place(self, path: str, parts: list[tuple[int, np.ndarray]]) -> list[tuple[str, int, np.ndarray, bool]]:
         """Chunks to write now for rows `parts` (start, rows) of a direct-path array: (path, index, chunk, replace).
@@ -801,8 +872,8 @@ class StoreWriter:
         once rather than once per commit is what keeps the file count (~0.4 ms of kernel time per
         file on these machines) near bytes / chunk size.
         """
-        array = self._array(path)
-        per = int(array.chunks[0])
+        layout = self._layout(path)
+        per = layout.chunks[0]
         if per == 1:
             return [(path, start + i, values[i], False) for start, values in parts for i in range(len(values))]
         writes: list[tuple[str, int, np.ndarray, bool]] = []
@@ -813,7 +884,7 @@ class StoreWriter:
                 upto = min(stop, (index + 1) * per)
                 tail = self._tails.get(path)
                 if tail is None or tail.index != index:
-                    tail = self._tails[path] = self._open_tail(path, array, index, per)
+                    tail = self._tails[path] = self._open_tail(path, layout, index)
                 if tail.end <= tail.on_disk:
                     tail.since = time.monotonic()
                 tail.rows[row - index * per : upto - index * per] = values[row - start : upto - start]
@@ -824,13 +895,14 @@ class StoreWriter:
                     del self._tails[path]
         return writes
 
-    def _open_tail(self, path: str, array: zarr.Array, index: int, per: int) -> _Tail:
-        """Chunk `index` of `array` as it stands: fill values, with its committed rows read back from disk."""
-        rows = np.full((per, *array.shape[1:]), array.fill_value, dtype=np.dtype(array.dtype).newbyteorder("<"))
+    def _open_tail(self, path: str, layout: _Layout, index: int) -> _Tail:
+        """Chunk `index` of the array at `path` as it stands: fill values, its committed rows read back from disk."""
+        per = layout.chunks[0]
+        rows = np.full((per, *layout.shape[1:]), layout.fill_value, dtype=layout.dtype.newbyteorder("<"))
         first = index * per
-        stop = min(self.stats.committed.get(schema.stream_of(path), 0), first + per, int(array.shape[0]))
+        stop = min(self.stats.committed.get(schema.stream_of(path), 0), first + per, layout.shape[0])
         if stop > first:  # a run resumed inside this chunk: its committed rows are on disk
-            rows[: stop - first] = array[first:stop]
+            rows[: stop - first] = self._array(path)[first:stop]
         kept = max(first, stop)
         return _Tail(index, rows, end=kept, on_disk=kept, since=time.monotonic())
 
@@ -847,13 +919,13 @@ class StoreWriter:
         committed = self.stats.committed.get(schema.stream_of(path), 0)
         return (path, tail.index, tail.rows, tail.index * per < committed)
 
-    def _write_chunk(self, path: str, index: int, values: np.ndarray, replace: bool) -> None:
-        array = self._array(path)
-        codec = self._direct[path]
-        assert codec is not None
-        key = array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
-        target = self.path / path / key
-        encoded = _encode_chunk(codec, array.dtype, values)
+    def _write_chunk(self, path: str, index: int, values: np.ndarray, replace: bool) -> float:
+        """Encode and write one chunk file (on the pool's thread); returns the CPU seconds it took."""
+        cpu0 = time.thread_time()
+        layout = self._layouts[path]  # read by `_place` or `_tail_chunk` before this write was handed out
+        assert layout.codec is not None
+        target = self.path / path / layout.key(index)
+        encoded = _encode_chunk(layout.codec, layout.dtype, values)
         written = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial") if replace else target
         self._uncommitted.append(written)  # never the old chunk of committed rows: a failure must keep it
         try:
@@ -862,6 +934,7 @@ class StoreWriter:
                 os.replace(written, target)
         except OSError as exc:  # name the file: a full disk's OSError from write() has none
             raise OSError(exc.errno, exc.strerror, str(target)) from None
+        return time.thread_time() - cpu0
 
     def _write_checkpoint(self, payload: bytes, step: int) -> None:
         # A plain uint8 array (one chunk) keeps the store pure Zarr; it is complete before the commit.
@@ -869,7 +942,8 @@ class StoreWriter:
         spec = schema.checkpoint_array(step, len(values))
         self._uncommitted.append(self.path / spec.path)
         try:
-            _create_array(self.root, spec, len(values))[...] = values
+            _create_arrays(self.path, [(spec, len(values))])
+            _write_static(self.path, self.root, spec, values)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, exc.filename or str(self.path / spec.path)) from None
 
@@ -888,11 +962,32 @@ class StoreWriter:
             if step not in keep:
                 shutil.rmtree(directory / schema.checkpoint_name(step), ignore_errors=True)
 
+    def _layout(self, path: str) -> _Layout:
+        """The array at `path` as the direct chunk path sees it, read from its `zarr.json` (cached).
+
+        Building zarr's own array (its metadata parsed into objects, ~0.5 ms) for each of a run's
+        dozens of arrays was a fifth of a small run's writer time; the direct path needs only the
+        shape, chunk shape, dtype, fill value and key encoding, and whether the codecs are the schema's.
+        """
+        if path not in self._layouts:
+            try:
+                document = json.loads((self.path / path / "zarr.json").read_bytes())
+            except FileNotFoundError:  # zarr names the missing array in its own words
+                zarr.open_array(self.root.store, path=path, mode="r+", zarr_format=3)
+                raise
+            self._layouts[path] = _layout(document)
+        return self._layouts[path]
+
+    def _forget(self, path: str) -> None:
+        """Drop what is cached of the array at `path` (its metadata changed: a resize)."""
+        self._arrays.pop(path, None)
+        self._layouts.pop(path, None)
+
     def _array(self, path: str) -> zarr.Array:
-        """The array at `path`, built from its `zarr.json` read here.
+        """The zarr array at `path` (a resize, a read back, the generic write), built from its `zarr.json` read here.
 
         zarr's open_array costs ~1.2 ms (store reads through its event loop), once per array and
-        again after every resize: a fifth of a small run's writer time.
+        again after every resize.
         """
         if path not in self._arrays:
             try:
@@ -913,23 +1008,6 @@ def _joins_window(item: object) -> bool:
 
 def _nbytes(item: object) -> int:
     return sum(v.nbytes for v in item.arrays.values()) if isinstance(item, RowBlock) else 0
-
-
-def _same_codecs(a: Iterable[Any], b: Iterable[Any]) -> bool:
-    """Whether two codec lists write the same bytes for one array.
-
-    Blosc's `typesize` is left out: zarr fills it in from the array's dtype when the array is created
-    (4 for float32 and int32), the schema's fresh codecs say 1, and the direct encoder (numcodecs' Blosc)
-    takes it from the array it encodes, so it is the dtype's item size on both paths. Comparing it made
-    every multi-byte array (gradient moments, parameter snapshots) take zarr's slow per-chunk path.
-    """
-
-    def spec(codec: Any) -> dict[str, Any]:
-        described = codec.to_dict()
-        configuration = {k: v for k, v in described.get("configuration", {}).items() if k != "typesize"}
-        return {**described, "configuration": configuration}
-
-    return [spec(c) for c in a] == [spec(c) for c in b]
 
 
 def _size(nbytes: float) -> str:

@@ -21,10 +21,10 @@ and array specs), and the summary extrapolates with the step grid (all of it an 
 
 A probe's scheduled pass costs at every recorded row what it cost at step 0 (the same forward and
 backward work); metrics and preds share one evaluation per step (gentrace.record.evaluator), which is
-counted with metrics. Resume checkpoints are written at the first and last snapshot and at most
-every `record.checkpoint_every_s` between. Not counted: the store writer (a background thread, which
-competes with training on a busy CPU) and what in-step probes do at steps other than the timed ones
-(`record.lipschitz_fine.every_steps` > 1).
+counted with metrics. Resume checkpoints are written at the last snapshot and at most every
+`record.checkpoint_every_s` before it (counted from the run's start). Not counted: the store writer
+(a background thread, which competes with training on a busy CPU) and what in-step probes do at
+steps other than the timed ones (`record.lipschitz_fine.every_steps` > 1).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import torch
 
 from gentrace.core.config import RunConfig, is_factory
 from gentrace.record.base import Checkpointed, StepInfo
+from gentrace.record.params import TensorSnapshotProbe
 from gentrace.record.recorder import DiscardSink, Recorder
 from gentrace.store import schema
 from gentrace.store.schema import StreamSpec
@@ -144,7 +145,7 @@ def check(cfg: RunConfig, device: str = "auto") -> tuple[pd.DataFrame, CheckSumm
         probe_times = _step_zero(trainer, recorder, sink, dev)
         step_s = _time_steps(trainer, recorder, dev)
         # after the steps the optimizer has its state (momentum, adam's moments): a checkpoint of its size
-        checkpoint_s, checkpoint_bytes = _time_checkpoint(trainer, recorder) if sink.checkpoints else (0.0, 0)
+        checkpoint_s, checkpoint_bytes = _time_checkpoint(trainer, recorder) if _checkpointing(recorder) else (0.0, 0)
     timed = _Timed(prepare_s, step_s, checkpoint_s, checkpoint_bytes)
     return _report(cfg, trainer, recorder.streams(), probe_times, sink, timed, str(dev))
 
@@ -299,7 +300,7 @@ def _report(
     step_s = timed.step_s
     est_train_s = tl.total_steps * (step_s[-1] if step_s else 0.0)
     passes_s = float(table["est_s"].sum())
-    checkpoints = _checkpoints(cfg, specs, sink, est_train_s + passes_s)
+    checkpoints = _checkpoints(cfg, specs, timed.checkpoint_bytes > 0, est_train_s + passes_s)
     model = trainer.models[0]
     target = Path("runs") / f"{cfg.name}.zarr"  # where preflight looks for the default store's disk
     summary = CheckSummary(
@@ -331,15 +332,21 @@ def _report(
     return table, summary
 
 
-def _checkpoints(cfg: RunConfig, specs: Sequence[StreamSpec], sink: DiscardSink, run_s: float) -> int:
-    """Resume checkpoints the run writes: at the first and last snapshot, and every checkpoint_every_s between."""
-    if not sink.checkpoints:
+def _checkpointing(recorder: Recorder) -> bool:
+    """Whether the run writes resume checkpoints: a `params` stream that carries them, and a loop to take them."""
+    probes = [p for p in recorder.probes if isinstance(p, TensorSnapshotProbe) and p.checkpoints]
+    return recorder.checkpointer is not None and bool(probes)
+
+
+def _checkpoints(cfg: RunConfig, specs: Sequence[StreamSpec], writes: bool, run_s: float) -> int:
+    """Resume checkpoints the run writes: the last snapshot's, and one every checkpoint_every_s before it (0: every)."""
+    if not writes:
         return 0
     snapshots = next((spec.rows for spec in specs if spec.name == schema.PARAMS.name), 0)
     every = cfg.record.checkpoint_every_s
     if every <= 0:
         return snapshots
-    return min(snapshots, 2 + int(run_s // every))
+    return min(snapshots, 1 + int(run_s // every))
 
 
 def _seconds(s: float) -> str:

@@ -223,13 +223,15 @@ def _start_new(
     phase: Phase,
     *,
     overwrite: bool,
+    count: int | None = None,
 ) -> None:
     """Create the store (Ctrl-C held until it exists whole) and train into it from step 0.
 
     The thread count (`train.threads`, gentrace.training.threads) is chosen here and stored in the
-    `threads` attribute, which a resume reuses.
+    `threads` attribute, which a resume reuses; `count`: the one a run that starts over had stored
+    (another count would round differently from the run it replaces).
     """
-    with threads.using(threads.choose(cfg.train.threads, local_world=local_world())):
+    with threads.using(count or threads.choose(cfg.train.threads, local_world=local_world())):
         trainer, recorder, data = prepare(cfg, dev, dist, phase)
         phase(CREATING_STORE)
         static = {**static_arrays(data, cfg.record), **recorder.static()}
@@ -328,8 +330,8 @@ def _resume(
     if point is None:  # the run is complete
         return path
     assert isinstance(point, _ResumePoint)
-    if point.checkpoint is None:  # killed before its first snapshot: nothing committed is lost by starting over
-        _start_new(point.cfg, path, dev, dist, observers, phase, overwrite=True)
+    if point.checkpoint is None:  # killed before its first checkpoint: starting over loses nothing it had
+        _start_new(point.cfg, path, dev, dist, observers, phase, overwrite=True, count=point.threads)
         return path
     # the stored thread count: another one would round differently from the uninterrupted run
     count = point.threads or threads.choose(point.cfg.train.threads, local_world=local_world())
@@ -349,7 +351,8 @@ def _resume_point(cfg: RunConfig | None, path: Path) -> _ResumePoint | None:
     """The last intact committed checkpoint of the store at `path` (None when the run is complete).
 
     Reads and loads the checkpoint before anything is changed: a damaged newest checkpoint falls
-    back to the one before (with a warning); a store with no committed snapshot starts over.
+    back to the one before (with a warning); a store with no committed checkpoint yet starts over
+    (a warning when it had rows), with the thread count it stored.
     """
     reader = StoreReader(path, check_checkpoint=False)
     if isinstance(reader.attrs.get("own_loop"), dict):
@@ -363,18 +366,21 @@ def _resume_point(cfg: RunConfig | None, path: Path) -> _ResumePoint | None:
         raise ConfigError(f"--resume: the config differs from the store's at {changed}; resume without a CONFIG")
     if reader.attrs.get("status") == "complete":
         return None
+    count = reader.attrs.get("threads")
+    stored_threads = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
     nothing_committed = not any(reader.committed(s) for s in reader.streams())
     if nothing_committed or reader.attrs.get("status") == "initializing":
-        return _ResumePoint(stored, -1, {}, None)
+        return _ResumePoint(stored, -1, {}, None, stored_threads)
     if stored.record.params.every_epochs == 0:
         raise StoreError(
             f"{path} records no parameter snapshots (record.params.every_epochs = 0), so it cannot be "
             "resumed; record it again with --overwrite"
         )
-    if reader.committed(schema.PARAMS.name) == 0:
-        return _ResumePoint(stored, -1, {}, None)
-    committed_steps = set(reader.array(schema.PARAMS.step).tolist())
+    committed_steps = set(reader.array(schema.PARAMS.step).tolist()) if reader.committed(schema.PARAMS.name) else set()
     usable = [s for s in reader.checkpoint_steps() if s in committed_steps]
+    if not usable:  # killed before its first checkpoint (step 0 has none): the run starts over, to the same result
+        sys.stderr.write(f"warning: {path} has no resume checkpoint yet; the run starts over from step 0\n")
+        return _ResumePoint(stored, -1, {}, None, stored_threads)
     damaged: list[str] = []
     for last in reversed(usable):
         try:
@@ -388,9 +394,7 @@ def _resume_point(cfg: RunConfig | None, path: Path) -> _ResumePoint | None:
                 f"warning: {path}: the checkpoint of {damaged[0]} is damaged; resuming from the one of step {last}\n"
             )
         keep = {s: int((reader.array(schema.step_of(s)) <= last).sum()) for s in reader.streams()}
-        count = reader.attrs.get("threads")
-        valid = isinstance(count, int) and not isinstance(count, bool) and count > 0
-        return _ResumePoint(stored, last, keep, payload, count if valid else None)
+        return _ResumePoint(stored, last, keep, payload, stored_threads)
     why = f" (damaged: {', '.join(damaged)})" if damaged else ""
     raise StoreError(
         f"{path} has no intact committed checkpoint to resume from{why}; nothing was changed. "
