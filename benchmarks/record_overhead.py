@@ -211,12 +211,19 @@ def probe_seconds(cfg: config.RunConfig, device: str) -> dict[str, float]:
     return spent
 
 
+FLOOR_REPEATS = 5
+
+
 def _timed(fn: object, device: str) -> float:
-    t0 = time.perf_counter()
-    fn()  # type: ignore[operator]
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    """Seconds of `fn()`: the median of FLOOR_REPEATS calls (a floor timed once is as noisy as the machine)."""
+    seconds = []
+    for _ in range(FLOOR_REPEATS):
+        t0 = time.perf_counter()
+        fn()  # type: ignore[operator]
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+    return statistics.median(seconds)
 
 
 def _linear_operands(
@@ -332,6 +339,7 @@ def main() -> None:
     cfg = config.load(args.config, overrides)
     times: dict[str, list[float]] = {"off": [], "probes only": [], "on": [], "plain loop": [], "plain loop + Run": []}
     throughput: list[float] = []  # the `on` stores' writer: MiB handed over / busy s (as `gentrace info` shows)
+    per_cpu: list[float] = []  # ... and / the CPU seconds its threads used
     # stores go where users put them (under the current directory, as runs/ does), not into /tmp: on
     # some machines /tmp creates files ~30x slower (0.75 ms vs 0.02 ms here), which a user never sees
     with tempfile.TemporaryDirectory(dir=args.root, prefix=".bench-") as tmp:
@@ -342,6 +350,7 @@ def main() -> None:
             times["on"].append(time_on(cfg, args.device, Path(tmp), i))
             writer = rootmeta.read(Path(tmp) / f"on-{i}.zarr")["attributes"]["writer"]
             throughput.append(writer["bytes"] / 2**20 / writer["busy_s"])
+            per_cpu.append(writer["bytes"] / 2**20 / writer["cpu_s"])
             if not args.no_plain:
                 times["plain loop"].append(time_plain_loop(cfg, args.device, None))
                 times["plain loop + Run"].append(time_plain_loop(cfg, args.device, Path(tmp) / f"run-{i}.zarr"))
@@ -372,6 +381,8 @@ def main() -> None:
         print(f"{label}: {medians[top] / medians[bottom]:.3f} (median of per-repeat ratios {paired:.3f})")
     runs = " ".join(f"{t:.0f}" for t in throughput)
     print(f"writer throughput (MiB handed over / busy s, `on` runs): {statistics.median(throughput):.0f}   {runs}")
+    runs = " ".join(f"{t:.0f}" for t in per_cpu)
+    print(f"writer throughput (MiB handed over / CPU s of its threads): {statistics.median(per_cpu):.0f}   {runs}")
     if args.streams:
         print(f"{'stream':<18}{'cost s':>10}{'floor s':>10}{'cost / floor':>14}   (cost: time inside its probe)")
         for group, values in per_stream.items():
