@@ -38,9 +38,19 @@ def grad_row(step: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return row
 
 
-def test_every_whole_row_array_takes_the_direct_path_with_zarrs_bytes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def write_grad_rows(writer: store_writer.StoreWriter, seed: int, count: int = 3) -> list[dict[str, np.ndarray]]:
+    """Start `writer`, hand it `count` grad rows one block each, close it `complete`; returns the rows."""
+    writer.start()
+    rng = np.random.default_rng(seed)
+    rows = [grad_row(step, rng) for step in range(count)]
+    for i, row in enumerate(rows):
+        writer.put(RowBlock(schema.GRAD.name, i, row))
+    writer.close("complete")
+    return rows
+
+
+def spy_on_zarrs_write(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the arrays the writer hands to zarr's generic write, as they are written."""
     through_zarr: list[str] = []
     original = store_writer._write_rows
 
@@ -49,14 +59,16 @@ def test_every_whole_row_array_takes_the_direct_path_with_zarrs_bytes(
         await original(array, parts)
 
     monkeypatch.setattr(store_writer, "_write_rows", spy)
+    return through_zarr
+
+
+def test_every_whole_row_array_takes_the_direct_path_with_zarrs_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    through_zarr = spy_on_zarrs_write(monkeypatch)
     stream = schema.grad_stream(3, 2, SHAPES)
     writer = create_store(tmp_path / "s.zarr", {"total_steps": 3}, [stream], {})
-    writer.start()
-    rng = np.random.default_rng(0)
-    rows = [grad_row(step, rng) for step in range(3)]
-    for i, row in enumerate(rows):
-        writer.put(RowBlock(schema.GRAD.name, i, row))
-    writer.close("complete")
+    rows = write_grad_rows(writer, seed=0)
     assert through_zarr == []  # every grad array is whole-row chunks: none went through zarr
     # the same rows written by zarr itself into an array of the same metadata: the same chunk files
     reference = zarr.open_group(LocalStore(tmp_path / "ref.zarr"), mode="w", zarr_format=3)
@@ -102,14 +114,7 @@ def test_the_layout_read_from_zarr_json_is_zarrs_own_view_of_every_array(tmp_pat
 
 def test_an_array_with_other_codecs_goes_through_zarr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A store written with other codecs (an older schema) is resumed through zarr's own write, never miswritten."""
-    through_zarr: list[str] = []
-    original = store_writer._write_rows
-
-    async def spy(array: zarr.Array, parts: list[tuple[int, np.ndarray]]) -> None:
-        through_zarr.append(array.path)
-        await original(array, parts)
-
-    monkeypatch.setattr(store_writer, "_write_rows", spy)
+    through_zarr = spy_on_zarrs_write(monkeypatch)
     stream = schema.grad_stream(3, 2, SHAPES)
     writer = create_store(tmp_path / "s.zarr", {"total_steps": 3}, [stream], {})
     writer.close("running")
@@ -118,12 +123,7 @@ def test_an_array_with_other_codecs_goes_through_zarr(tmp_path: Path, monkeypatc
     zarr.open_group(LocalStore(tmp_path / "s.zarr"), mode="r+", zarr_format=3).create_array(other.path, **kwargs)
     writer = store_writer.open_for_resume(tmp_path / "s.zarr")
     writer.declare([stream])
-    writer.start()
-    rng = np.random.default_rng(1)
-    rows = [grad_row(step, rng) for step in range(3)]
-    for i, row in enumerate(rows):
-        writer.put(RowBlock(schema.GRAD.name, i, row))
-    writer.close("complete")
+    rows = write_grad_rows(writer, seed=1)
     assert set(through_zarr) == {other.path}
     reader = StoreReader(tmp_path / "s.zarr")
     for spec in stream.arrays:
