@@ -244,3 +244,21 @@ def test_merge_is_associative_and_equals_one_shot(seeds: list[int], shape: tuple
     torch.testing.assert_close(one_shot.sum, left.tensors["w"].sum)
     assert torch.equal(one_shot.neg, left.tensors["w"].neg)
     assert torch.equal(one_shot.pos, (moments_of(torch.cat([_grads(s, shape) for s in seeds]))[2]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), shape=st.sampled_from([(1,), (3,), (2, 3)]))
+def test_stored_moments_are_the_moments_cast_as_the_store_keeps_them(seed: int, shape: tuple[int, ...]) -> None:
+    """`stored` (what a grad row holds) equals counting by hand in float64, cast to float32 / int32."""
+    grads = _grads(seed, shape)
+    acc = _random_moments(seed, shape).tensors["w"]
+    expected = {
+        "sum": grads.sum(0).to(torch.float32),
+        "sumsq": grads.square().sum(0).to(torch.float32),
+        "pos": (grads > 0).sum(0).to(torch.int32),
+        "neg": (grads < 0).sum(0).to(torch.int32),
+    }
+    for name, value in expected.items():
+        assert acc.stored(name).dtype == value.dtype, name
+        assert torch.equal(acc.stored(name), value), name
+        assert torch.equal(acc.stored(name), acc.moment(name).to(value.dtype)), name

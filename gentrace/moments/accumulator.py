@@ -125,6 +125,19 @@ class TensorMoments:
             raise KeyError(f"no gradient moment {name!r}; one of {', '.join(by_name)}")
         return by_name[name]()
 
+    def stored(self, name: str) -> torch.Tensor:
+        """`moment(name)` in the store's dtype: float32 sum and sumsq, int32 pos and neg.
+
+        The same values as `moment(name)` cast as the store casts them, in one kernel each: pos and
+        neg are (nonzero +- sign_sum) / 2 in int32 (the sum is even, and at most 2 * nonzero).
+        """
+        if name in ("sum", "sumsq"):
+            return self.moment(name).to(torch.float32)
+        if name in ("pos", "neg"):
+            nonzero, sign_sum = self.nonzero, self.sign_sum
+            return (nonzero + sign_sum if name == "pos" else nonzero - sign_sum).bitwise_right_shift_(1)
+        return self.moment(name)  # names the moments there are
+
     def zero_(self) -> None:
         """Reset (lazily: an engine reuses its accumulators, and large float64 writes are slow)."""
         self._first = None
