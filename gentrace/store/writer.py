@@ -355,9 +355,9 @@ def _create_arrays(root: Path, specs: list[tuple[schema.ArraySpec, int]]) -> Non
     zarr's own create_array costs ~2-4 ms of Python per array (a run has dozens, a vision transformer
     hundreds). The metadata of arrays of one dtype and codec (the fill value follows from the dtype)
     differ only in `shape`, `chunk_grid` and `attributes` (the codecs depend on the dtype alone: byte
-    order, Blosc's typesize),
-    so zarr builds one array per such kind in memory, and each array's `zarr.json` is that document with
-    its own shape, chunk shape and attributes. Parent groups are written first (plain group documents).
+    order, Blosc's typesize), so zarr builds one array per such kind in memory (`_template`), and each
+    array's `zarr.json` is that document with its own shape, chunk shape and attributes. Parent groups
+    are written first (plain group documents).
     """
     parents = sorted({spec.path.rsplit("/", 1)[0] for spec, _ in specs if "/" in spec.path}, key=len)
     for parent in parents:

@@ -334,8 +334,8 @@ def _report(
 
 def _checkpointing(recorder: Recorder) -> bool:
     """Whether the run writes resume checkpoints: a `params` stream that carries them, and a loop to take them."""
-    probes = [p for p in recorder.probes if isinstance(p, TensorSnapshotProbe) and p.checkpoints]
-    return recorder.checkpointer is not None and bool(probes)
+    snapshots = (p for p in recorder.probes if isinstance(p, TensorSnapshotProbe))
+    return recorder.checkpointer is not None and any(p.checkpoints for p in snapshots)
 
 
 def _checkpoints(cfg: RunConfig, specs: Sequence[StreamSpec], writes: bool, run_s: float) -> int:

@@ -231,7 +231,7 @@ def _start_new(
     `threads` attribute, which a resume reuses; `count`: the one a run that starts over had stored
     (another count would round differently from the run it replaces).
     """
-    with threads.using(count or threads.choose(cfg.train.threads, local_world=local_world())):
+    with threads.using(_thread_count(cfg, count)):
         trainer, recorder, data = prepare(cfg, dev, dist, phase)
         phase(CREATING_STORE)
         static = {**static_arrays(data, cfg.record), **recorder.static()}
@@ -334,8 +334,7 @@ def _resume(
         _start_new(point.cfg, path, dev, dist, observers, phase, overwrite=True, count=point.threads)
         return path
     # the stored thread count: another one would round differently from the uninterrupted run
-    count = point.threads or threads.choose(point.cfg.train.threads, local_world=local_world())
-    with threads.using(count):
+    with threads.using(_thread_count(point.cfg, point.threads)):
         trainer, recorder, _ = prepare(point.cfg, dev, dist, phase)
         phase(RESTORING_CHECKPOINT)
         extra = trainer.restore(point.checkpoint)  # before the store is touched: a bad checkpoint destroys nothing
@@ -345,6 +344,11 @@ def _resume(
         recorder.resume(point.keep)
         _train(trainer, recorder, writer, path, observers, phase)
     return path
+
+
+def _thread_count(cfg: RunConfig, stored: int | None) -> int:
+    """The store's own thread count when it has one (another rounds differently), else `train.threads`' choice."""
+    return stored or threads.choose(cfg.train.threads, local_world=local_world())
 
 
 def _resume_point(cfg: RunConfig | None, path: Path) -> _ResumePoint | None:
@@ -395,10 +399,9 @@ def _resume_point(cfg: RunConfig | None, path: Path) -> _ResumePoint | None:
             )
         keep = {s: int((reader.array(schema.step_of(s)) <= last).sum()) for s in reader.streams()}
         return _ResumePoint(stored, last, keep, payload, stored_threads)
-    why = f" (damaged: {', '.join(damaged)})" if damaged else ""
-    raise StoreError(
-        f"{path} has no intact committed checkpoint to resume from{why}; nothing was changed. "
-        "Record it again with --overwrite"
+    raise StoreError(  # every usable checkpoint is damaged (with none usable, the run started over above)
+        f"{path} has no intact committed checkpoint to resume from (damaged: {', '.join(damaged)}); "
+        "nothing was changed. Record it again with --overwrite"
     )
 
 
