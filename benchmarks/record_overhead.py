@@ -28,6 +28,7 @@ import statistics
 import struct
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +37,9 @@ import torch
 
 import gentrace
 from gentrace.core import config
-from gentrace.moments.linear import bias_moments, weight_moments
+from gentrace.moments import conv
+from gentrace.moments.linear import count_mm
+from gentrace.record.grad_moments import probe_batch
 from gentrace.store import rootmeta, schema
 from gentrace.task.data import build_data
 from gentrace.task.models import build_model
@@ -226,32 +229,52 @@ def _timed(fn: object, device: str) -> float:
     return statistics.median(seconds)
 
 
-def _linear_operands(
+def _layer_operands(
     models: list[torch.nn.Module], fwd_bwd: Callable[[int], None]
-) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
-    """The (input, output gradient) of every nn.Linear in one forward + backward of each replicate."""
-    captured: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+) -> list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]:
+    """(module, input, output gradient) of every nn.Linear and nn.Conv2d in one forward + backward of each replicate."""
+    captured: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []
     inputs: dict[torch.nn.Module, torch.Tensor] = {}
     for m, model in enumerate(models):
         handles = []
         for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
                 handles.append(module.register_forward_hook(lambda mod, a, out: inputs.__setitem__(mod, a[0].detach())))
                 handles.append(
                     module.register_full_backward_hook(
-                        lambda mod, gin, gout: captured.append((inputs[mod], gout[0].detach(), True))
+                        lambda mod, gin, gout: captured.append((mod, inputs[mod], gout[0].detach()))
                     )
                 )
-        fwd_bwd(m)
+        with warnings.catch_warnings():  # "full backward hook is firing ... no inputs require gradients": expected
+            warnings.simplefilter("ignore")
+            fwd_bwd(m)
         for handle in handles:
             handle.remove()
     return captured
 
 
-def _moment_gemms(a: torch.Tensor, delta: torch.Tensor, signs: bool) -> None:
-    """The arithmetic the moments add to a Linear's backward (SPEC section 4): sumsq and the sign counts."""
-    weight_moments(a, delta, signs)
-    bias_moments(delta, signs)
+def _moment_arithmetic(module: torch.nn.Module, a: torch.Tensor, delta: torch.Tensor) -> None:
+    """What the moments add to a layer's backward (SPEC section 4), written out here, not the engine's rule.
+
+    nn.Linear: sum_i g_i is the backward's own weight gradient, so only sumsq = (D^2)^T (A^2) and the sign
+    counts (one count GEMM [sign(D) | |sign(D)|]^T sign(A) after a ReLU, two otherwise, as exact int8 or
+    float GEMMs, whichever `count_mm` finds faster here), plus the bias's column sums of D^2 and the signs.
+    nn.Conv2d: every sample's weight gradient (the convolution's own weight-gradient kernel, per sample)
+    reduced into sum, sumsq and the counts; no GEMM identity avoids forming them.
+    """
+    if isinstance(module, torch.nn.Conv2d):
+        conv.moments(module, a, delta)
+        return
+    d2, sign_d = delta.square(), delta.sign()
+    d2.T @ a.square()
+    if bool((a >= 0).all()):
+        left = torch.cat([sign_d, sign_d.abs()], dim=1)
+        count_mm(left.T, a.sign())
+    else:
+        left = sign_d
+        count_mm(sign_d.T, a.sign()), count_mm(sign_d.abs().T, a.sign().abs())
+    if module.bias is not None:
+        d2.sum(0), left.sum(0)
 
 
 def floors(cfg: config.RunConfig, device: str) -> dict[str, float]:
@@ -261,8 +284,9 @@ def floors(cfg: config.RunConfig, device: str) -> dict[str, float]:
       the test set) at the training batch size, per evaluation;
     - grad (probe source): one forward + backward with parameter gradients over the moment samples, per row
       and replicate (the moments themselves come on top of it);
-    - grad + moment GEMMs (nn.Linear models): that, plus the GEMMs the moments cannot avoid (sumsq and the
-      sign counts of `moments.linear.weight_moments`, timed on the real operands of that pass);
+    - grad + moment GEMMs: that, plus the arithmetic the moments cannot avoid (`_moment_arithmetic`: for
+      nn.Linear the sumsq and sign-count GEMMs, for nn.Conv2d the per-sample gradients and their
+      reductions), timed on the real operands of that pass;
     - acts: one no-grad forward over the probe samples, per row;
     - params, params_fine: a host copy of the recorded tensors, per row.
     """
@@ -289,17 +313,19 @@ def floors(cfg: config.RunConfig, device: str) -> dict[str, float]:
         probe = probes[schema.GRAD.name]
         samples = probe.samples  # type: ignore[attr-defined]
 
+        step = probe_batch(x[0])  # the probe's own batches: larger ones are cheaper per sample
+
         def fwd_bwd(m: int) -> None:
-            for i in range(0, samples, 256):
+            for i in range(0, samples, step):
                 models[m].zero_grad()
-                out_m = models[m](x[m][i : min(i + 256, samples)])
-                target = y[m][i : min(i + 256, samples)]
+                out_m = models[m](x[m][i : min(i + step, samples)])
+                target = y[m][i : min(i + step, samples)]
                 loss_fn(out_m.squeeze(-1) if not data.num_classes else out_m, target).backward()
 
         out["grad"] = len(probe.steps) * sum(_timed(lambda m=m: fwd_bwd(m), device) for m in range(len(models)))
-        captured = _linear_operands(models, fwd_bwd)
+        captured = _layer_operands(models, fwd_bwd)
         if captured:
-            gemms = _timed(lambda: [_moment_gemms(a, d, signs) for a, d, signs in captured], device)
+            gemms = _timed(lambda: [_moment_arithmetic(mod, a, d) for mod, a, d in captured], device)
             out["grad + moment GEMMs"] = out["grad"] + len(probe.steps) * gemms
     if schema.ACTS.name in probes:
         probe = probes[schema.ACTS.name]
@@ -392,7 +418,7 @@ def main() -> None:
             print(f"{group:<18}{cost:>10.3f}{(low if low is not None else float('nan')):>10.3f}{ratio}")
             gemms = floor.get(f"{group} + moment GEMMs")
             if gemms:
-                print(f"{'  vs + moment GEMMs':<18}{cost:>10.3f}{gemms:>10.3f}{cost / gemms:>14.2f}")
+                print(f"{'  + moment arith.':<18}{cost:>10.3f}{gemms:>10.3f}{cost / gemms:>14.2f}")
     if "plain loop" in medians:
         plain = medians["plain loop + Run"] / medians["plain loop"]
         print(f"own-loop overhead ratio (plain loop + gentrace.Run / plain loop): {plain:.3f}")

@@ -48,10 +48,10 @@ def test_per_step_streams_copy_once_per_block_and_the_loop_never_per_step(
     copies: Counter[str] = Counter()
     original = base.to_host
 
-    def counting(values: object) -> np.ndarray:
+    def counting(values: object, fresh: bool = False) -> np.ndarray:
         caller = sys._getframe(1)
         copies[caller.f_locals.get("stream", caller.f_code.co_name)] += 1
-        return original(values)  # type: ignore[arg-type]
+        return original(values, fresh)  # type: ignore[arg-type]
 
     monkeypatch.setattr(base, "to_host", counting)
     store = record(config.load(None, SETS), tmp_path / "s.zarr", device="cpu")

@@ -131,10 +131,16 @@ class TensorMoments:
         The same values as `moment(name)` cast as the store casts them, in one kernel each: pos and
         neg are (nonzero +- sign_sum) / 2 in int32 (the sum is even, and at most 2 * nonzero).
         """
+        first = self._first if self._stale else None  # one batch so far: its values, not float64 copies
         if name in ("sum", "sumsq"):
+            if first is not None:  # float32 -> float64 -> float32 is the identity
+                return (first[0] if name == "sum" else first[1]).to(torch.float32)
             return self.moment(name).to(torch.float32)
         if name in ("pos", "neg"):
-            nonzero, sign_sum = self.nonzero, self.sign_sum
+            if first is not None and first[2] is not None and first[3] is not None:
+                nonzero, sign_sum = first[3].to(torch.int32), first[2].to(torch.int32)
+            else:
+                nonzero, sign_sum = self.nonzero, self.sign_sum
             return (nonzero + sign_sum if name == "pos" else nonzero - sign_sum).bitwise_right_shift_(1)
         return self.moment(name)  # names the moments there are
 

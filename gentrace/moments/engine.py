@@ -97,8 +97,23 @@ def _bind(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> t
     return bound.args, bound.kwargs
 
 
+# What pytree keeps as a leaf inside a plain tuple or list: with only these, the tuple is flat.
+_SCALARS = (torch.Tensor, int, float, bool, str, type(None))
+
+
+def _leaves(tree: Any) -> list[Any]:
+    """`tree_flatten(tree)[0]`, without pytree's walk for a tensor or a flat tuple (most calls: ~15 a forward)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if type(tree) in (tuple, list) and all(isinstance(x, _SCALARS) for x in tree):
+        return list(tree)
+    return tree_flatten(tree)[0]
+
+
 def _detached(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The inputs detached; one tensor passed twice stays one tensor (attention checks `query is key`)."""
+    if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):  # the common call
+        return (args[0].detach(),), kwargs
     memo: dict[int, torch.Tensor] = {}
 
     def detach(x: Any) -> Any:
@@ -217,7 +232,7 @@ class MomentsEngine:
     def _model_pre_hook(self, model: nn.Module, args: tuple[Any, ...]) -> None:
         if not self.active:  # (also: the fallback rerunning the whole model per sample)
             return
-        first = next((a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor) and a.dim()), None)
+        first = next((a for a in _leaves(args) if isinstance(a, torch.Tensor) and a.dim()), None)
         self._batch = None if first is None else len(first)
         self._tracker.reset()
         if self._calls is not None:  # a new forward pass: what the check saw of an earlier one is stale
@@ -225,14 +240,14 @@ class MomentsEngine:
 
     def _model_hook(self, model: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self._calls is not None and self.active:
-            leaves = tree_flatten(output)[0]
+            leaves = _leaves(output)
             self._roots = [t.grad_fn for t in leaves if isinstance(t, torch.Tensor) and t.grad_fn is not None]
 
     def _forward_hook(self, prefix: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             if not self.active or not torch.is_grad_enabled():
                 return
-            leaves = tree_flatten(output)[0]
+            leaves = _leaves(output)
             live = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
             if not live:
                 return
@@ -251,7 +266,7 @@ class MomentsEngine:
                 )
             self._inputs[prefix] = (*_detached(args, kwargs), dims)
             if self._calls is not None:
-                ins = [t.grad_fn for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+                ins = [t.grad_fn for t in _leaves((*args, *kwargs.values())) if isinstance(t, torch.Tensor)]
                 self._calls.append(ownership.Call(prefix, [t.grad_fn for t in live], {n for n in ins if n}))
             frame = self._tracker.close(module)
             views = frame.views() if frame is not None and frame.ok else []

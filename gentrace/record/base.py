@@ -243,7 +243,7 @@ class Probe:
             }
             if on_device:
                 blocks = [torch.cat([torch.as_tensor(r[path]) for r in rows]) for path in on_device]
-                flat = to_host(torch.cat([b.detach().reshape(-1).to(torch.float32) for b in blocks]))
+                flat = to_host(torch.cat([b.detach().reshape(-1).to(torch.float32) for b in blocks]), fresh=True)
                 offsets = np.cumsum([0, *(b.numel() for b in blocks)])
                 for path, block, lo, hi in zip(on_device, blocks, offsets[:-1], offsets[1:], strict=True):
                     arrays[path] = flat[lo:hi].reshape(tuple(block.shape))
@@ -272,13 +272,16 @@ class Probe:
         return start
 
 
-def to_host(values: torch.Tensor) -> np.ndarray:
+def to_host(values: torch.Tensor, fresh: bool = False) -> np.ndarray:
     """The probes' one copy from the training device to the host (a new array, safe to queue).
 
     On a GPU through a pinned host buffer with `non_blocking=True`, then one wait for that copy; every
-    device-to-host transfer of recorded data goes through here (the tests count the calls).
+    device-to-host transfer of recorded data goes through here (the tests count the calls). `fresh`: the
+    caller just made `values` (a stack, a cat) and keeps no reference, so on the CPU it is not copied again.
     """
     values = values.detach()
+    if fresh and values.device.type == "cpu":
+        return values.numpy()
     if values.device.type == "cuda":
         pinned = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
         pinned.copy_(values, non_blocking=True)
@@ -289,7 +292,7 @@ def to_host(values: torch.Tensor) -> np.ndarray:
 
 def host(tensors: Iterable[torch.Tensor]) -> np.ndarray:
     """Stack replicate tensors into one host float32 array [M, *shape] (a copy, safe to queue)."""
-    return to_host(torch.stack([t.detach() for t in tensors]).to(torch.float32))
+    return to_host(torch.stack([t.detach() for t in tensors]).to(torch.float32), fresh=True)
 
 
 class DivergenceWatch:

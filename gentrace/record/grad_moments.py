@@ -35,8 +35,18 @@ from gentrace.record.base import Batch, Probe, RunContext, StepInfo
 from gentrace.store import schema
 from gentrace.store.writer import RowBlock
 
-# Samples per forward/backward of the probe pass (the moments do not depend on it).
+# Samples per forward/backward of the probe pass (the moments do not depend on it, up to float rounding).
 PROBE_BATCH = 256
+# Flat float inputs this small (tabular data, digits' 64 pixels) take 4x that: a small model's pass is
+# mostly per-call overhead (hooks, kernel launches), and the quick start's 500 samples then take one
+# pass, whose moments need no float64 accumulation at all (accumulator.TensorMoments.stored).
+SMALL_INPUT = 256
+
+
+def probe_batch(x: torch.Tensor) -> int:
+    """Samples per probe pass over inputs x [n, ...]: PROBE_BATCH, or 4x for flat inputs of <= SMALL_INPUT numbers."""
+    small = x.dim() == 2 and x.is_floating_point() and x.shape[1] <= SMALL_INPUT
+    return 4 * PROBE_BATCH if small else PROBE_BATCH
 
 
 class GradMomentsProbe(Probe):
@@ -153,7 +163,7 @@ class GradMomentsProbe(Probe):
         was_training = model.training
         model.eval()
         try:
-            return probe_moments(self.engines[m], model, x, y, self._loss, PROBE_BATCH)
+            return probe_moments(self.engines[m], model, x, y, self._loss, probe_batch(x))
         finally:
             model.train(was_training)
 
