@@ -267,11 +267,10 @@ def _moment_arithmetic(module: torch.nn.Module, a: torch.Tensor, delta: torch.Te
         return
     d2, sign_d = delta.square(), delta.sign()
     d2.T @ a.square()
-    if bool((a >= 0).all()):
-        left = torch.cat([sign_d, sign_d.abs()], dim=1)
+    left = torch.cat([sign_d, sign_d.abs()], dim=1)  # the bias's counts are its column sums
+    if not a.numel() or a.amin().item() >= 0:
         count_mm(left.T, a.sign())
     else:
-        left = sign_d
         count_mm(sign_d.T, a.sign()), count_mm(sign_d.abs().T, a.sign().abs())
     if module.bias is not None:
         d2.sum(0), left.sum(0)

@@ -97,8 +97,8 @@ def _bind(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> t
     return bound.args, bound.kwargs
 
 
-# What pytree keeps as a leaf inside a plain tuple or list: with only these, the tuple is flat.
-_SCALARS = (torch.Tensor, int, float, bool, str, type(None))
+# Types pytree always keeps as leaves (None is left out: some torch versions make it an empty node).
+_SCALARS = (torch.Tensor, int, float, bool, str)
 
 
 def _leaves(tree: Any) -> list[Any]:

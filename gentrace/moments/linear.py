@@ -29,11 +29,6 @@ def bias_moments(delta: torch.Tensor, signs: bool = True) -> Stats:
     return stats_of(delta, signs)
 
 
-def weight_moments(a: torch.Tensor, delta: torch.Tensor, signs: bool = True) -> Stats:
-    """Moments of W for a [B, in], delta [B, out]: sum, sumsq, sign_sum, nonzero, each [out, in]."""
-    return linear_moments(a, delta, False, signs)[0]
-
-
 def linear_moments(a: torch.Tensor, delta: torch.Tensor, bias: bool, signs: bool = True) -> tuple[Stats, Stats | None]:
     """Moments of W (and, with `bias`, of the bias) for a [B, in], delta [B, out].
 
