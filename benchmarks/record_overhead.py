@@ -38,7 +38,7 @@ import torch
 import gentrace
 from gentrace.core import config
 from gentrace.moments import conv
-from gentrace.moments.linear import count_mm
+from gentrace.moments.linear import count_dtype, count_mm
 from gentrace.record.grad_moments import probe_batch
 from gentrace.store import rootmeta, schema
 from gentrace.task.data import build_data
@@ -185,33 +185,106 @@ GROUPS = {
 }
 
 
-def probe_seconds(cfg: config.RunConfig, device: str) -> dict[str, float]:
+def probe_seconds(cfg: config.RunConfig, device: str) -> tuple[dict[str, float], float | None]:
     """Seconds spent inside each stream's probe (all its calls) during one probes-only run, by GROUPS.
 
     Timed inside the probes rather than as (run with it) - (run without): a stream costing 0.05 s of a
-    0.5 s run is below the run-to-run noise of a loaded 2-core machine.
+    0.5 s run is below the run-to-run noise of a loaded 2-core machine. Also returns the grad stream's
+    floor timed beside each of its rows in the same run (`_grad_floor`), None without that stream.
     """
-    trainer, recorder, _ = prepare(cfg, resolve_device(device))
+    trainer, recorder, data = prepare(cfg, resolve_device(device))
     recorder.attach(DropRows())  # type: ignore[arg-type]
     spent: dict[str, float] = {}
+    grad_floor = _grad_floor(cfg, trainer, recorder, data, device)
+    floor = {"s": 0.0, "rows": 0}
     for probe in recorder.probes:
         group = next((g for g, names in GROUPS.items() if probe.name in names), probe.name)
+        rows_at = probe.steps if group == "grad" and grad_floor is not None else set()  # type: ignore[attr-defined]
         for method in ("at_step", "after_step", "before_backward", "after_backward", "flush"):
             original = getattr(probe, method)
 
-            def timed(*args: object, _original: object = original, _group: str = group) -> object:
+            def timed(
+                *args: object, _original: object = original, _group: str = group, _rows: object = rows_at
+            ) -> object:
+                # the grad floor beside each grad row: before it on even rows, after it on odd ones, so
+                # neither side always finds the caches the other warmed
+                beside = _original.__name__ == "at_step" and args[0] in _rows  # type: ignore[attr-defined, operator]
+                first = beside and floor["rows"] % 2 == 0
+                if first:
+                    floor["s"] += grad_floor()  # type: ignore[misc]
                 t0 = time.perf_counter()
                 result = _original(*args)  # type: ignore[operator]
                 result = list(result) if result is not None else result  # generators run here
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 spent[_group] = spent.get(_group, 0.0) + time.perf_counter() - t0
+                if beside:
+                    if not first:
+                        floor["s"] += grad_floor()  # type: ignore[misc]
+                    floor["rows"] += 1
                 return result
 
             setattr(probe, method, timed)
     with recorder:
         trainer.run(recorder)
-    return spent
+    return spent, (floor["s"] if grad_floor is not None else None)
+
+
+def _fwd_bwd(trainer: Trainer, data: object, samples: int) -> Callable[[int], None]:
+    """Replicate m's forward + backward with parameter gradients over its first `samples` training samples,
+    in the probe's own batches (`probe_batch`: larger ones are cheaper per sample)."""
+    models, x, y = trainer.models, trainer.data.x_train, trainer.data.y_train
+    regression = not data.num_classes  # type: ignore[attr-defined]
+    loss_fn = torch.nn.functional.mse_loss if regression else torch.nn.functional.cross_entropy
+    step = probe_batch(x[0])
+
+    def fwd_bwd(m: int) -> None:
+        for i in range(0, samples, step):
+            models[m].zero_grad()
+            out_m = models[m](x[m][i : min(i + step, samples)])
+            target = y[m][i : min(i + step, samples)]
+            loss_fn(out_m.squeeze(-1) if regression else out_m, target).backward()
+
+    return fwd_bwd
+
+
+def _grad_floor(
+    cfg: config.RunConfig, trainer: Trainer, recorder: object, data: object, device: str
+) -> Callable[[], float] | None:
+    """One grad row's floor, timed where the row is taken (during training, as the probe runs).
+
+    Per replicate, in eval mode as the probe: `_fwd_bwd` with hooks that keep each layer's input and
+    output gradient (the least any implementation needs to get at them), then `_moment_arithmetic` on
+    those operands, timed together: nothing of it runs on caches or memory another pass warmed, as the
+    probe's rows do not. The parameters' gradients and the models' modes are put back, so training goes
+    on as it would. None: no probe-source grad stream.
+    """
+    probe = next((p for p in recorder.probes if p.name == schema.GRAD.name), None)  # type: ignore[attr-defined]
+    if probe is None or cfg.record.grad_moments.source != "probe":
+        return None
+    fwd_bwd = _fwd_bwd(trainer, data, probe.samples)
+
+    def one(model: torch.nn.Module, m: int) -> None:
+        for mod, a, d in _layer_operands([model], lambda _: fwd_bwd(m)):
+            _moment_arithmetic(mod, a, d)
+
+    def row() -> float:
+        seconds = 0.0
+        for m, model in enumerate(trainer.models):
+            grads = [p.grad for p in model.parameters()]
+            was_training = model.training
+            model.eval()
+            t0 = time.perf_counter()
+            one(model, m)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - t0
+            model.train(was_training)
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g
+        return seconds
+
+    return row
 
 
 FLOOR_REPEATS = 5
@@ -265,15 +338,23 @@ def _moment_arithmetic(module: torch.nn.Module, a: torch.Tensor, delta: torch.Te
     if isinstance(module, torch.nn.Conv2d):
         conv.moments(module, a, delta)
         return
-    d2, sign_d = delta.square(), delta.sign()
+    bias = module.bias is not None
+    d2 = delta.square()
     d2.T @ a.square()
-    left = torch.cat([sign_d, sign_d.abs()], dim=1)  # the bias's counts are its column sums
+    if bias:
+        d2.sum(0)
     if not a.numel() or a.amin().item() >= 0:
+        sign_d = delta.sign().to(count_dtype(delta))
+        left = torch.cat([sign_d, sign_d.abs()], dim=1)
         count_mm(left.T, a.sign())
+        if bias:  # the bias's counts are the sign stack's column sums
+            left.sum(0, dtype=torch.int32)
     else:
-        count_mm(sign_d.T, a.sign()), count_mm(sign_d.abs().T, a.sign().abs())
-    if module.bias is not None:
-        d2.sum(0), left.sum(0)
+        sign_d = delta.sign()
+        abs_d = sign_d.abs()
+        count_mm(sign_d.T, a.sign()), count_mm(abs_d.T, a.sign().abs())
+        if bias:
+            sign_d.sum(0), abs_d.sum(0)
 
 
 def floors(cfg: config.RunConfig, device: str) -> dict[str, float]:
@@ -291,9 +372,8 @@ def floors(cfg: config.RunConfig, device: str) -> dict[str, float]:
     """
     trainer, recorder, data = prepare(cfg, resolve_device(device))
     probes = {p.name: p for p in recorder.probes}
-    models, x, y = trainer.models, trainer.data.x_train, trainer.data.y_train
+    models, x = trainer.models, trainer.data.x_train
     batch = trainer.batch
-    loss_fn = torch.nn.functional.cross_entropy if data.num_classes else torch.nn.functional.mse_loss
     out: dict[str, float] = {}
 
     def forward_all(inputs: torch.Tensor, m: int) -> None:
@@ -310,17 +390,7 @@ def floors(cfg: config.RunConfig, device: str) -> dict[str, float]:
         out["metrics + preds"] = evaluations * one
     if schema.GRAD.name in probes and cfg.record.grad_moments.source == "probe":
         probe = probes[schema.GRAD.name]
-        samples = probe.samples  # type: ignore[attr-defined]
-
-        step = probe_batch(x[0])  # the probe's own batches: larger ones are cheaper per sample
-
-        def fwd_bwd(m: int) -> None:
-            for i in range(0, samples, step):
-                models[m].zero_grad()
-                out_m = models[m](x[m][i : min(i + step, samples)])
-                target = y[m][i : min(i + step, samples)]
-                loss_fn(out_m.squeeze(-1) if not data.num_classes else out_m, target).backward()
-
+        fwd_bwd = _fwd_bwd(trainer, data, probe.samples)  # type: ignore[attr-defined]
         out["grad"] = len(probe.steps) * sum(_timed(lambda m=m: fwd_bwd(m), device) for m in range(len(models)))
         captured = _layer_operands(models, fwd_bwd)
         if captured:
@@ -380,10 +450,14 @@ def main() -> None:
                 times["plain loop"].append(time_plain_loop(cfg, args.device, None))
                 times["plain loop + Run"].append(time_plain_loop(cfg, args.device, Path(tmp) / f"run-{i}.zarr"))
         per_stream: dict[str, list[float]] = {}
+        in_run: list[float] = []  # the grad floor timed beside each row of those runs
         if args.streams:
             for _ in range(args.repeats):
-                for group, seconds in probe_seconds(cfg, args.device).items():
+                spent, beside = probe_seconds(cfg, args.device)
+                for group, seconds in spent.items():
                     per_stream.setdefault(group, []).append(seconds)
+                if beside is not None:
+                    in_run.append(beside)
             floor = floors(cfg, args.device)
     times = {k: v for k, v in times.items() if v}
     medians = {k: statistics.median(v) for k, v in times.items()}
@@ -418,6 +492,14 @@ def main() -> None:
             gemms = floor.get(f"{group} + moment GEMMs")
             if gemms:
                 print(f"{'  + moment arith.':<18}{cost:>10.3f}{gemms:>10.3f}{cost / gemms:>14.2f}")
+            if group == "grad" and in_run:
+                # the same floor timed beside each row, in the same runs: same caches, same load
+                pairs = [c / f for c, f in zip(values, in_run, strict=True)]
+                low = statistics.median(in_run)
+                print(
+                    f"{'  ... in the run':<18}{cost:>10.3f}{low:>10.3f}{cost / low:>14.2f}   "
+                    f"per run: {' '.join(f'{r:.2f}' for r in pairs)}"
+                )
     if "plain loop" in medians:
         plain = medians["plain loop + Run"] / medians["plain loop"]
         print(f"own-loop overhead ratio (plain loop + gentrace.Run / plain loop): {plain:.3f}")

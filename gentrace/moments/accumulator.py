@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 # (sum, sumsq, sign_sum, nonzero) of one batch, any float dtype; counts integer-valued; the
@@ -29,6 +30,11 @@ def stats_of(g: torch.Tensor, signs: bool = True) -> Stats:
         return s, sq, None, None
     sign = g.sign()
     return s, sq, sign.sum(0).to(torch.int32), sign.abs_().sum(0).to(torch.int32)
+
+
+def pos_neg(sign_sum: np.ndarray, nonzero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """#{g_i > 0} and #{g_i < 0} from sign_sum = pos - neg and nonzero = pos + neg (integer arrays; sums even)."""
+    return (nonzero + sign_sum) >> 1, (nonzero - sign_sum) >> 1
 
 
 def add_stats(total: Stats | None, more: Stats) -> Stats:
@@ -125,24 +131,21 @@ class TensorMoments:
             raise KeyError(f"no gradient moment {name!r}; one of {', '.join(by_name)}")
         return by_name[name]()
 
-    def stored(self, name: str) -> torch.Tensor:
-        """`moment(name)` in the store's dtype: float32 sum and sumsq, int32 pos and neg.
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sum, sumsq, sign_sum, nonzero) as a grad row keeps them: float32 sums, int32 counts (split by `pos_neg`).
 
-        The same values as `moment(name)` cast as the store casts them, in one kernel each: pos and
-        neg are (nonzero +- sign_sum) / 2 in int32 (the sum is even, and at most 2 * nonzero).
+        One batch so far: the batch's own values, with no float64 pass (float32 -> float64 -> float32
+        is the identity); more: the float64 accumulators cast once.
         """
-        first = self._first if self._stale else None  # one batch so far: its values, not float64 copies
-        if name in ("sum", "sumsq"):
-            if first is not None:  # float32 -> float64 -> float32 is the identity
-                return (first[0] if name == "sum" else first[1]).to(torch.float32)
-            return self.moment(name).to(torch.float32)
-        if name in ("pos", "neg"):
-            if first is not None and first[2] is not None and first[3] is not None:
-                nonzero, sign_sum = first[3].to(torch.int32), first[2].to(torch.int32)
-            else:
-                nonzero, sign_sum = self.nonzero, self.sign_sum
-            return (nonzero + sign_sum if name == "pos" else nonzero - sign_sum).bitwise_right_shift_(1)
-        return self.moment(name)  # names the moments there are
+        first = self._first if self._stale else None
+        if first is None:
+            s, sq, sign_sum, nonzero = self._settled()
+            return s.to(torch.float32), sq.to(torch.float32), sign_sum, nonzero
+        s, sq = first[0].to(torch.float32), first[1].to(torch.float32)
+        if first[2] is None or first[3] is None:  # sums only (signs=False): the counts stay 0
+            zeros = torch.zeros(s.shape, dtype=torch.int32, device=s.device)
+            return s, sq, zeros, zeros
+        return s, sq, first[2].to(torch.int32), first[3].to(torch.int32)
 
     def zero_(self) -> None:
         """Reset (lazily: an engine reuses its accumulators, and large float64 writes are slow)."""

@@ -21,6 +21,7 @@ checkpoint saves is the whole run's, not rank 0's share.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,23 +30,23 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from gentrace.core.schedules import every_epochs, every_steps
-from gentrace.moments.accumulator import Moments
+from gentrace.moments.accumulator import Moments, pos_neg
 from gentrace.moments.engine import MomentsEngine, probe_moments
-from gentrace.record.base import Batch, Probe, RunContext, StepInfo
+from gentrace.record.base import Batch, Probe, RunContext, StepInfo, to_host
 from gentrace.store import schema
 from gentrace.store.writer import RowBlock
 
 # Samples per forward/backward of the probe pass (the moments do not depend on it, up to float rounding).
 PROBE_BATCH = 256
-# Flat float inputs this small (tabular data, digits' 64 pixels) take 4x that: a small model's pass is
-# mostly per-call overhead (hooks, kernel launches), and the quick start's 500 samples then take one
-# pass, whose moments need no float64 accumulation at all (accumulator.TensorMoments.stored).
+# Float inputs of this few numbers a sample (tabular data, digits' 1 x 8 x 8 pixels) take 4x that: a small
+# model's pass is mostly per-call overhead (hooks, kernel launches), and the quick start's 500 samples then
+# take one pass, whose moments need no float64 accumulation at all (accumulator.TensorMoments.stored).
 SMALL_INPUT = 256
 
 
 def probe_batch(x: torch.Tensor) -> int:
-    """Samples per probe pass over inputs x [n, ...]: PROBE_BATCH, or 4x for flat inputs of <= SMALL_INPUT numbers."""
-    small = x.dim() == 2 and x.is_floating_point() and x.shape[1] <= SMALL_INPUT
+    """Samples per probe pass over inputs x [n, ...]: PROBE_BATCH, or 4x for float samples of <= SMALL_INPUT numbers."""
+    small = x.dim() >= 2 and x.is_floating_point() and math.prod(x.shape[1:]) <= SMALL_INPUT
     return 4 * PROBE_BATCH if small else PROBE_BATCH
 
 
@@ -167,6 +168,12 @@ class GradMomentsProbe(Probe):
         finally:
             model.train(was_training)
 
+    def _zeros(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`TensorMoments.stored()` of a tensor without moments."""
+        f = torch.zeros(shape, dtype=torch.float32, device=self.ctx.device)
+        i = torch.zeros(shape, dtype=torch.int32, device=self.ctx.device)
+        return f, f, i, i
+
     def _row(self, step: int, per_replicate: list[Moments]) -> dict[str, np.ndarray]:
         grad = schema.GRAD
         row: dict[str, np.ndarray] = {
@@ -174,17 +181,34 @@ class GradMomentsProbe(Probe):
             grad.n: np.array([[m.n for m in per_replicate]], np.int64),
             grad.loss_sum: np.array([[m.loss_sum for m in per_replicate]], np.float64),
         }
-        # Each array is cast and stacked over the replicates where the moments are, then copied to the host
-        # once: a row of a small model is otherwise mostly per-replicate conversions (~15 % of its pass).
+        # Every tensor's moments go to the host in two copies, one float32 and one int32 buffer, whose slices are
+        # the row's arrays: a row of a small model is otherwise mostly per-array casts, stacks and copies.
+        sums: list[torch.Tensor] = []
+        sumsqs: list[torch.Tensor] = []
+        sign_sums: list[torch.Tensor] = []
+        nonzeros: list[torch.Tensor] = []
         for name, shape in self.shapes.items():
-            stats = [m.tensors.get(name) for m in per_replicate]
+            for m in per_replicate:
+                stats = m.tensors.get(name)
+                s, sq, sign_sum, nonzero = stats.stored() if stats is not None else self._zeros(shape)
+                sums.append(s.reshape(-1))
+                sumsqs.append(sq.reshape(-1))
+                sign_sums.append(sign_sum.reshape(-1))
+                nonzeros.append(nonzero.reshape(-1))
+        if not sums:  # nothing trainable
+            return row
+        floats = to_host(torch.cat(sums + sumsqs), fresh=True)
+        counts = to_host(torch.cat(sign_sums + nonzeros), fresh=True)
+        half = len(floats) // 2
+        pos, neg = pos_neg(counts[:half], counts[half:])
+        by_moment = {"sum": floats[:half], "sumsq": floats[half:], "pos": pos, "neg": neg}
+        offset, replicates = 0, len(per_replicate)
+        for name, shape in self.shapes.items():
+            size = replicates * math.prod(shape)
             for moment in grad.MOMENTS:
-                dtype = torch.float32 if moment in grad.FLOAT_MOMENTS else torch.int32
-                values = [
-                    s.stored(moment) if s is not None else torch.zeros(shape, dtype=dtype, device=self.ctx.device)
-                    for s in stats
-                ]
-                row[grad.moment(name, moment)] = torch.stack(values)[None].cpu().numpy()
+                values = by_moment[moment][offset : offset + size]
+                row[grad.moment(name, moment)] = values.reshape(1, replicates, *shape)
+            offset += size
         return row
 
 
