@@ -17,6 +17,12 @@ Usage: python benchmarks/record_overhead.py [CONFIG] [--repeats 3] [--device cpu
 images (random pixels and labels, written by this script in torchvision's idx format), batch 128, 3
 epochs, gradient moments on 1,000 samples, predictions and metrics every epoch.
 Targets (issue 16): on / probes only <= 1.10; on / off <= 2.0 (quick start), <= 1.6 (cnn).
+
+`--streams`: each stream's cost (time inside its probe during probes-only runs) beside its floor
+(`floors`: its arithmetic timed alone, warm). The grad stream's floor is also timed beside each of its
+rows in those same runs (`_grad_floor`: hooks that keep the operands, forward + backward, the moment
+arithmetic), so both sides see the same caches and the same load: on a shared VM the warm floor of a
+tight loop is a floor no probe that runs once an epoch, between training steps, can reach.
 """
 
 from __future__ import annotations
