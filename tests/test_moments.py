@@ -282,3 +282,19 @@ def test_count_gemm_is_exact_above_low_precision_integers(
     assert got.dtype == torch.int32
     assert torch.equal(got, expected)
     assert linear.count_dtype(signs.to(dtype)) in ((torch.int8,) if int8 else (torch.float32, torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_sign_counts_are_exact_for_low_precision_gradients(dtype: torch.dtype) -> None:
+    """1001 samples' signs count to 1001 for gradients of any dtype (bfloat16 alone rounds 1001 to 1000)."""
+    g = torch.ones(1001, 3, dtype=dtype)
+    g[:, 1] = -1
+    g[:, 2] = 0
+    _, _, sign_sum, nonzero = stats_of(g)
+    assert sign_sum.tolist() == [1001, -1001, 0]
+    assert nonzero.tolist() == [1001, 1001, 0]
+    a = torch.randn(1001, 4, dtype=dtype)  # signed inputs: the Linear rule's bias counts take the sign sums
+    _, bias = linear.linear_moments(a, g, bias=True)
+    assert bias is not None
+    assert bias[2].tolist() == [1001, -1001, 0]
+    assert bias[3].tolist() == [1001, 1001, 0]

@@ -29,7 +29,9 @@ def stats_of(g: torch.Tensor, signs: bool = True) -> Stats:
     if not signs:
         return s, sq, None, None
     sign = g.sign()
-    return s, sq, sign.sum(0).to(torch.int32), sign.abs_().sum(0).to(torch.int32)
+    # summed in float32 (exact to 2^24) whatever g's dtype: a bfloat16 sum holds integers only to 256
+    f32 = torch.float32
+    return s, sq, sign.sum(0, dtype=f32).to(torch.int32), sign.abs_().sum(0, dtype=f32).to(torch.int32)
 
 
 def pos_neg(sign_sum: np.ndarray, nonzero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -56,7 +56,8 @@ def linear_moments(a: torch.Tensor, delta: torch.Tensor, bias: bool, signs: bool
         sign_a, abs_d = a.sign(), sign_d.abs()
         sign_sum, nonzero = count_mm(sign_d.T, sign_a), count_mm(abs_d.T, sign_a.abs())
         if b is not None:
-            b = (b[0], b[1], sign_d.sum(0).to(torch.int32), abs_d.sum(0).to(torch.int32))
+            f32 = torch.float32  # exact to 2^24 whatever delta's dtype (bfloat16 holds integers only to 256)
+            b = (b[0], b[1], sign_d.sum(0, dtype=f32).to(torch.int32), abs_d.sum(0, dtype=f32).to(torch.int32))
     return (s, sq, sign_sum, nonzero), b
 
 
