@@ -39,7 +39,8 @@ def assert_moments_equal(moments: Any, reference: dict[str, torch.Tensor], resol
     but that both sides compute as rounding noise (attention's key bias, to which softmax is
     invariant) has no defined sign. A deep model's sums can cancel to below float32's resolution
     (a 3x3 kernel's border tap on a ResNet's 1 x 1 feature maps: -5e-10 against a largest 0.44); its
-    tests pass float32's epsilon. Returns the names of the tensors that had such entries.
+    tests pass float32's epsilon. `resolution = 0` compares every count. Returns the names of the
+    tensors that had such entries.
     """
     assert set(moments.tensors) == set(reference)
     noisy = set()
